@@ -4,6 +4,7 @@ from .conv import conv2d
 from .errors import ReparamError
 from .fusion import fuse_block, fuse_bn, sum_branches
 from .kernels import identity_kernel, pad_kernel
+from .layouts import hwio_to_oihw, nchw_to_nhwc, nhwc_to_nchw, oihw_to_hwio
 from .norm import batch_norm
 from .params import BatchNorm, ConvBias
 
@@ -17,7 +18,11 @@ __all__ = [
     "conv2d",
     "fuse_block",
     "fuse_bn",
+    "hwio_to_oihw",
     "identity_kernel",
+    "nchw_to_nhwc",
+    "nhwc_to_nchw",
+    "oihw_to_hwio",
     "pad_kernel",
     "sum_branches",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -127,6 +127,134 @@ class BatchNorm:
             object.__setattr__(self, name, _frozen_copy(a, dtype))
         object.__setattr__(self, "eps", eps)
 
+    @classmethod
+    def from_torch(
+        cls, state: Mapping[str, Any], prefix: str = "", *, eps: float = 1e-5
+    ) -> BatchNorm:
+        """Build from a PyTorch ``BatchNorm2d`` state dict (or a whole model's).
+
+        Parameters
+        ----------
+        state : mapping of str to array_like
+            Holds ``{prefix}weight``, ``{prefix}bias``, ``{prefix}running_mean``
+            and ``{prefix}running_var`` (tensors are fine: CPU, no grad);
+            other keys, such as ``num_batches_tracked``, are ignored.
+        prefix : str, default ""
+            The module's path in a larger state dict, e.g. ``"stage1.0.rbr_dense.bn"``
+            (a trailing dot is added when missing).
+        eps : float, default 1e-5
+            The layer's ``eps`` (PyTorch's default is 1e-5; it is not in the state dict).
+
+        Returns
+        -------
+        BatchNorm
+
+        Raises
+        ------
+        ReparamError
+            If a key is missing (the message lists what was found under the prefix).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> state = {"bn.weight": np.ones(3), "bn.bias": np.zeros(3),
+        ...          "bn.running_mean": np.zeros(3), "bn.running_var": np.ones(3)}
+        >>> BatchNorm.from_torch(state, "bn").channels
+        3
+        """
+        if prefix and not prefix.endswith("."):
+            prefix += "."
+        names = ("weight", "bias", "running_mean", "running_var")
+        gamma, beta, mean, var = _lookup(
+            state, [prefix + name for name in names], func="BatchNorm.from_torch"
+        )
+        return cls(gamma, beta, mean, var, eps=eps)
+
+    @classmethod
+    def from_keras(
+        cls, weights: Mapping[str, Any] | Sequence[Any], *, epsilon: float = 1e-3
+    ) -> BatchNorm:
+        """Build from a Keras ``BatchNormalization`` layer's weights.
+
+        Parameters
+        ----------
+        weights : mapping or sequence of array_like
+            Either a mapping with ``moving_mean`` and ``moving_variance`` and,
+            unless the layer had ``scale=False`` / ``center=False``, ``gamma``
+            and ``beta``; or the list ``layer.get_weights()`` returns:
+            ``[gamma, beta, moving_mean, moving_variance]``.
+        epsilon : float, default 1e-3
+            The layer's ``epsilon`` (Keras' default is 1e-3, not PyTorch's 1e-5).
+
+        Returns
+        -------
+        BatchNorm
+            A missing ``gamma`` becomes ones and a missing ``beta`` zeros.
+
+        Raises
+        ------
+        ReparamError
+            If a required array is missing or a list does not hold four arrays.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> BatchNorm.from_keras([np.ones(2), np.zeros(2), np.zeros(2), np.ones(2)]).eps
+        0.001
+        """
+        func = "BatchNorm.from_keras"
+        if not isinstance(weights, Mapping):
+            arrays = list(weights)
+            if len(arrays) != 4:
+                raise ReparamError(
+                    f"{func}: weights must be [gamma, beta, moving_mean, moving_variance]; got "
+                    f"{len(arrays)} arrays, expected 4 (hint: for scale=False or center=False "
+                    "pass a dict with the names instead)"
+                )
+            gamma, beta, mean, var = arrays
+            return cls(gamma, beta, mean, var, eps=epsilon)
+        mean, var = _lookup(weights, ["moving_mean", "moving_variance"], func=func)
+        gamma, beta = _scale_and_shift(weights, "gamma", "beta", mean)
+        return cls(gamma, beta, mean, var, eps=epsilon)
+
+    @classmethod
+    def from_flax(
+        cls, params: Mapping[str, Any], batch_stats: Mapping[str, Any], *, epsilon: float = 1e-5
+    ) -> BatchNorm:
+        """Build from a Flax ``nn.BatchNorm`` layer's variables.
+
+        Parameters
+        ----------
+        params : mapping
+            The layer's entry in the ``params`` collection: ``scale`` and
+            ``bias`` (either may be absent with ``use_scale=False`` /
+            ``use_bias=False``).
+        batch_stats : mapping
+            The layer's entry in the ``batch_stats`` collection: ``mean`` and ``var``.
+        epsilon : float, default 1e-5
+            The layer's ``epsilon`` (Flax's default is 1e-5).
+
+        Returns
+        -------
+        BatchNorm
+
+        Raises
+        ------
+        ReparamError
+            If ``mean`` or ``var`` is missing.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> stats = {"mean": np.zeros(2), "var": np.ones(2)}
+        >>> bn = BatchNorm.from_flax({"scale": np.ones(2)}, stats)
+        >>> bn.beta
+        array([0., 0.])
+        """
+        mean, var = _lookup(batch_stats, ["mean", "var"], func="BatchNorm.from_flax")
+        gamma, beta = _scale_and_shift(params, "scale", "bias", mean)
+        return cls(gamma, beta, mean, var, eps=epsilon)
+
     @property
     def channels(self) -> int:
         """Number of channels ``C``."""
@@ -163,3 +291,29 @@ def _check_eps(eps: Any) -> float:
     if not math.isfinite(value) or value < 0:
         raise ReparamError(f"BatchNorm: eps must be finite and >= 0; got {value}")
     return value
+
+
+def _lookup(mapping: Mapping[str, Any], keys: list[str], *, func: str) -> list[Any]:
+    """Return ``mapping[key]`` for every key, or one error listing all that are missing."""
+    missing = [key for key in keys if key not in mapping]
+    if missing:
+        available = sorted(str(key) for key in mapping)
+        shown = ", ".join(available[:12]) + (", ..." if len(available) > 12 else "")
+        raise ReparamError(
+            f"{func}: missing {', '.join(repr(key) for key in missing)}; got keys [{shown}], "
+            f"expected {', '.join(repr(key) for key in keys)}"
+        )
+    return [mapping[key] for key in keys]
+
+
+def _scale_and_shift(
+    mapping: Mapping[str, Any], scale_key: str, shift_key: str, like: Any
+) -> tuple[Any, Any]:
+    """Return the affine scale and shift (ones and zeros where the layer has none)."""
+    reference = np.asarray(like)
+    scale = mapping.get(scale_key)
+    shift = mapping.get(shift_key)
+    return (
+        np.ones_like(reference) if scale is None else scale,
+        np.zeros_like(reference) if shift is None else shift,
+    )
