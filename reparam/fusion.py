@@ -96,9 +96,11 @@ def fuse_bn(
     offset = -bn.mean.astype(work)
     if conv_bias is not None:
         offset = offset + own_bias.astype(work)
-    fused_kernel = weights.astype(work) * scale[:, None, None, None]
+    fused_kernel = weights.astype(work, copy=False) * scale[:, None, None, None]
     fused_bias = bn.beta.astype(work) + offset * scale
-    return ConvBias(fused_kernel.astype(result_dtype), fused_bias.astype(result_dtype))
+    return ConvBias(
+        fused_kernel.astype(result_dtype, copy=False), fused_bias.astype(result_dtype, copy=False)
+    )
 
 
 def _check_branch(branch: Any, index: int, *, func: str) -> tuple[FloatArray, FloatArray]:
@@ -173,7 +175,9 @@ def sum_branches(*branches: tuple[npt.ArrayLike, npt.ArrayLike]) -> ConvBias:
     for kernel, bias in checked:
         kernel_sum += kernel
         bias_sum += bias
-    return ConvBias(kernel_sum.astype(result_dtype), bias_sum.astype(result_dtype))
+    return ConvBias(
+        kernel_sum.astype(result_dtype, copy=False), bias_sum.astype(result_dtype, copy=False)
+    )
 
 
 def _unpack_conv_bn(pair: Any, *, func: str, name: str) -> tuple[FloatArray, BatchNorm]:
@@ -311,7 +315,7 @@ def fuse_block(
 
     result_dtype = np.result_type(*arrays)
     work = _working_dtype(result_dtype)
-    branches = [fuse_bn(dense_kernel.astype(work), dense_bn.astype(work))]
+    branches = [fuse_bn(dense_kernel.astype(work, copy=False), dense_bn.astype(work))]
     if pointwise is not None and pointwise_kernel is not None:
         small_kernel, small_bias = fuse_bn(pointwise_kernel.astype(work), pointwise_bn.astype(work))
         branches.append(ConvBias(pad_kernel(small_kernel, size), small_bias))
@@ -319,4 +323,4 @@ def fuse_block(
         eye = identity_kernel(out_channels, groups=groups, size=size, dtype=work)
         branches.append(fuse_bn(eye, identity.astype(work)))
     kernel, bias = sum_branches(*branches)
-    return ConvBias(kernel.astype(result_dtype), bias.astype(result_dtype))
+    return ConvBias(kernel.astype(result_dtype, copy=False), bias.astype(result_dtype, copy=False))

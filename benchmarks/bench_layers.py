@@ -1,0 +1,182 @@
+"""Per-layer timing: RepVGG-A0's deploy conv layers, NumPy fast path vs PyTorch vs matmul.
+
+For every distinct deploy layer shape of RepVGG-A0 at 224x224 (batch 1 and 8)
+this times each fast-path algorithm on that one layer (bias and ReLU included,
+NHWC in and out, as inside the stack), PyTorch's ``conv2d`` + ReLU (best of NCHW
+and channels_last, no_grad), and NumPy's own ``matmul`` on the layer's im2col
+GEMM shape (M = N*H_out*W_out, K = 9*C_in/groups, N = C_out). GFLOP/s count a
+direct convolution's 2 * multiply-adds, whatever the algorithm does. The
+float32 error of each algorithm is the largest |fast - reference| over the
+largest |reference| (reference: reparam.conv2d in float64), at batch 1.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/bench_layers.py
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+from _common import (
+    a0_deploy_layers,
+    fmt,
+    limit_blas,
+    measure,
+    parse_args,
+    stats,
+    table,
+    torch_best_time,
+    torch_or_none,
+    write_result,
+)
+
+from reparam import conv2d
+from reparam.fast import ALGORITHMS, DeployStack
+
+LABELS = {"im2col": "im2col", "winograd2": "F(2,3)", "winograd4": "F(4,3)"}
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    torch = torch_or_none(args.threads)
+    size = 32 if args.quick else 224
+    widths = (8, 8, 16, 24, 32) if args.quick else None
+    layers = a0_deploy_layers(seed=args.seed, **({"widths": widths} if widths else {}))
+    batches = (1, 2) if args.quick else (1, 8)
+    rng = np.random.default_rng(args.seed)
+
+    # distinct layer shapes, with their input size and how often A0 uses them
+    shapes: dict[tuple[int, int, int, int, int], int] = {}
+    first: dict[tuple[int, int, int, int, int], tuple] = {}
+    height = size
+    for kernel, bias, stride, groups in layers:
+        key = (kernel.shape[1] * groups, kernel.shape[0], stride, groups, height)
+        shapes[key] = shapes.get(key, 0) + 1
+        first.setdefault(key, (kernel, bias, stride, groups))
+        height = (height - 1) // stride + 1
+
+    rows = []
+    with limit_blas(args.threads):
+        for key, count in shapes.items():
+            c_in, c_out, stride, groups, h = key
+            kernel, bias, _, _ = first[key]
+            oh = (h - 1) // stride + 1
+            possible = [a for a in ALGORITHMS if a == "im2col" or (stride == 1 and groups == 1)]
+            chosen = DeployStack([first[key]]).algorithms(h, h)[0]
+            # float32 error of each algorithm (batch 1), against the float64 reference
+            x1 = np.abs(rng.standard_normal((1, c_in, h, h))).astype(np.float32)
+            ref = np.maximum(
+                conv2d(
+                    x1.astype(np.float64),
+                    kernel.astype(np.float64),
+                    bias.astype(np.float64),
+                    stride=stride,
+                    padding=1,
+                    groups=groups,
+                ),
+                0,
+            )
+            errors = {}
+            for name in possible:
+                out = DeployStack([first[key]], algorithms=[name])(x1)
+                errors[name] = float(np.abs(out - ref).max() / np.abs(ref).max())
+            for batch in batches:
+                flops = 2.0 * batch * oh * oh * c_out * 9 * c_in / groups
+                x = rng.standard_normal((batch, c_in, h, h)).astype(np.float32)
+                times = {}
+                for name in possible:
+                    stack = DeployStack([first[key]], algorithms=[name])
+                    stack.profile(x)  # warm up; profile() times the layer alone (NHWC to NHWC)
+                    times[name] = [stack.profile(x)[0][1] for _ in range(args.repeats)]
+                # NumPy matmul on the im2col GEMM shape
+                m, k, n = batch * oh * oh, 9 * c_in // groups, c_out // groups
+                a = rng.standard_normal((groups, m, k)).astype(np.float32)
+                b = rng.standard_normal((groups, k, n)).astype(np.float32)
+                out = np.empty((groups, m, n), np.float32)
+                mm = measure(lambda a=a, b=b, out=out: np.matmul(a, b, out=out), args.repeats)
+                mm_gflops = flops / statistics.median(mm) / 1e9
+                if torch is not None:
+                    tk = torch.tensor(np.asarray(kernel))
+                    tb = torch.tensor(np.asarray(bias))
+
+                    def fn(t, tk=tk, tb=tb, stride=stride, groups=groups):
+                        conv = torch.nn.functional.conv2d(
+                            t, tk, tb, stride=stride, padding=1, groups=groups
+                        )
+                        return torch.relu_(conv)
+
+                    torch_times, layout = torch_best_time(torch, fn, x, args.repeats)
+                    torch_ms = stats(torch_times)[0]
+                else:
+                    torch_ms, layout = None, "n/a"
+                medians = {name: stats(t)[0] for name, t in times.items()}
+                best_name = min(medians, key=medians.get)
+                chosen_ms = medians[chosen]
+                cells = [fmt(medians.get(a), 2) if a in medians else "-" for a in ALGORITHMS]
+                rows.append(
+                    [
+                        f"{c_in}->{c_out} s{stride} g{groups} @{h}x{h}",
+                        str(count),
+                        str(batch),
+                        *cells,
+                        f"{LABELS[chosen]}"
+                        + ("" if best_name == chosen else f" (best {LABELS[best_name]})"),
+                        fmt(flops / chosen_ms / 1e6, 0),
+                        fmt(mm_gflops, 0),
+                        fmt(torch_ms, 2),
+                        fmt(flops / torch_ms / 1e6 if torch_ms else None, 0),
+                        layout,
+                        fmt(chosen_ms / torch_ms if torch_ms else None, 2),
+                        " / ".join(f"{errors[a]:.1e}" for a in possible),
+                    ]
+                )
+    header = [
+        "layer (C_in->C_out, stride, groups, input)",
+        "in A0",
+        "batch",
+        "im2col ms",
+        "F(2,3) ms",
+        "F(4,3) ms",
+        "default",
+        "fast GFLOP/s",
+        "matmul GFLOP/s",
+        "torch ms",
+        "torch GFLOP/s",
+        "torch layout",
+        "fast / torch",
+        "float32 rel. error (im2col / F2 / F4)",
+    ]
+    # whole-stack sums (each layer shape times its count)
+    body = table(header, rows)
+    totals = []
+    for batch in batches:
+        fast = sum(
+            float(r[1]) * float(dict(zip(ALGORITHMS, r[3:6], strict=True))[_algo(r[6])])
+            for r in rows
+            if r[2] == str(batch)
+        )
+        tt = [float(r[1]) * float(r[9]) for r in rows if r[2] == str(batch) and r[9] != "n/a"]
+        totals.append(
+            f"- batch {batch}: sum over A0's 22 layers, fast path {fast:.1f} ms"
+            + (f", PyTorch {sum(tt):.1f} ms, ratio {fast / sum(tt):.2f}" if tt else ", PyTorch n/a")
+        )
+    note = (
+        f"Medians of {args.repeats} runs (ms). GFLOP/s = 2 x direct multiply-adds / median time. "
+        "`default` is the algorithm DeployStack picks for this layer and size."
+    )
+    write_result(
+        "layers",
+        f"Per-layer conv, RepVGG-A0 deploy shapes at {size}x{size}",
+        "\n".join([body, "", *totals, "", note]),
+        args.threads,
+        write=not args.no_write,
+    )
+
+
+def _algo(label: str) -> str:
+    name = label.split(" ")[0]
+    return {v: k for k, v in LABELS.items()}[name]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Peak memory of one forward pass per form, each in a fresh subprocess.
+
+Forms: NumPy train, NumPy deploy (reference conv2d), NumPy fast path, PyTorch
+deploy. Each (form, batch) runs in its own Python process, which builds the
+model, runs one warm-up forward on one small image, then measures one forward on the
+batch: ``tracemalloc`` peak (every NumPy allocation, so also the fast path's
+buffers; PyTorch's allocator is invisible to it) and the growth of ``ru_maxrss``
+over the measured call (the process' resident high-water mark; covers PyTorch).
+"Extra" is the traced peak minus the input and output arrays; for the fast path
+it should not depend on the batch size.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/bench_memory.py
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+from _common import fmt, parse_args, table, torch_or_none, write_result
+
+FORMS = ("train", "deploy", "fast", "torch")
+LABELS = {
+    "train": "NumPy train",
+    "deploy": "NumPy deploy (conv2d)",
+    "fast": "NumPy fast path",
+    "torch": "PyTorch deploy",
+}
+
+
+def child(form: str, batch: int, size: int, quick: bool, seed: int, threads: int) -> None:
+    """Run in the subprocess: build, warm up, measure one forward, print JSON."""
+    from _common import (
+        a0_deploy_layers,
+        a0_layer_specs,
+        limit_blas,
+        random_deploy_layers,
+        repvgg_module,
+        torch_deploy_model,
+    )
+
+    from reparam.fast import DeployStack
+
+    torch = torch_or_none(threads) if form == "torch" else None
+    if form == "torch" and torch is None:
+        print(json.dumps({"na": True}))
+        return
+    repvgg = repvgg_module()
+    widths = (8, 8, 16, 24, 32) if quick else (48, 48, 96, 192, 1280)
+    if form in ("train", "deploy"):
+        if repvgg is None:
+            print(json.dumps({"na": True}))
+            return
+        arch = (
+            "RepVGG-A0" if not quick else repvgg.Architecture(widths=widths, depths=(1, 2, 2, 2, 1))
+        )
+        model = repvgg.RepVGG.create(arch, num_classes=1000, seed=seed)
+        if form == "deploy":
+            model = model.reparameterize()
+        forward = model
+    else:
+        layers = (
+            a0_deploy_layers(seed=seed)
+            if not quick
+            else random_deploy_layers(a0_layer_specs(widths), seed=seed)
+        )
+        head_w = np.zeros((1000, layers[-1][0].shape[0]), np.float32)
+        if form == "fast":
+            stack = DeployStack(layers)
+
+            def forward(x):
+                return stack(x, pool=True) @ head_w.T
+        else:
+            module = torch_deploy_model(torch, layers, (head_w, np.zeros(1000, np.float32)))
+            module.to(memory_format=torch.channels_last)
+
+            def forward(x):
+                with torch.no_grad():
+                    t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+                    return module(t).numpy()
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    with limit_blas(threads):
+        # warm up on a small image: libraries load, but the fast path's buffers for the
+        # measured shape are allocated (and counted) inside the measured call
+        forward(np.ascontiguousarray(x[:1, :, :16, :16]))
+        base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        tracemalloc.start()
+        out = forward(x)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "peak": peak,
+                "extra": peak - np.asarray(out).nbytes,
+                "rss_delta": (rss - base_rss) * 1024,
+                "rss": rss * 1024,
+                "input": x.nbytes,
+            }
+        )
+    )
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], _extra)
+    if args.child:
+        form, batch = args.child[0], int(args.child[1])
+        child(form, batch, 32 if args.quick else 224, args.quick, args.seed, args.threads)
+        return
+    batches = (1, 2) if args.quick else tuple(args.batches)
+    results = {}
+    for form in FORMS:
+        for batch in batches:
+            command = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                form,
+                str(batch),
+                "--seed",
+                str(args.seed),
+                "--threads",
+                str(args.threads),
+            ]
+            if args.quick:
+                command.append("--quick")
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(done.stderr, file=sys.stderr)
+                results[(form, batch)] = {"na": True}
+                continue
+            results[(form, batch)] = json.loads(done.stdout.strip().splitlines()[-1])
+    mb = 2.0**20
+    rows = []
+    for form in FORMS:
+        for batch in batches:
+            r = results[(form, batch)]
+            if r.get("na"):
+                rows.append([LABELS[form], str(batch), "n/a", "n/a", "n/a", "n/a"])
+                continue
+            traced = "n/a (not traced)" if form == "torch" else fmt(r["peak"] / mb)
+            extra = "n/a" if form == "torch" else fmt((r["extra"] - r["input"]) / mb)
+            rows.append(
+                [
+                    LABELS[form],
+                    str(batch),
+                    traced,
+                    extra,
+                    fmt(r["rss_delta"] / mb),
+                    fmt(r["rss"] / mb),
+                ]
+            )
+    lines = [
+        table(
+            [
+                "form",
+                "batch",
+                "tracemalloc peak MiB",
+                "extra MiB (peak - input - output)",
+                "ru_maxrss growth MiB",
+                "ru_maxrss MiB",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    big = batches[-1]
+    train, deploy, fast = (results[(f, big)] for f in ("train", "deploy", "fast"))
+    if not train.get("na") and not deploy.get("na"):
+        lines.append(
+            f"- batch {big}: NumPy deploy / NumPy train peak = "
+            f"{deploy['peak'] / train['peak']:.2f}; fast path / NumPy train peak = "
+            f"{fast['peak'] / train['peak']:.2f}; fast path / NumPy deploy peak = "
+            f"{fast['peak'] / deploy['peak']:.2f}"
+        )
+    fast_extra = [
+        (b, (results[("fast", b)]["extra"] - results[("fast", b)]["input"]) / mb)
+        for b in batches
+        if not results[("fast", b)].get("na")
+    ]
+    lines.append(
+        "- fast path extra memory by batch: "
+        + ", ".join(f"batch {b}: {e:.1f} MiB" for b, e in fast_extra)
+        + " (bounded by max_chunk_bytes; only the input and the output grow)"
+    )
+    lines.append(
+        "\nOne forward pass per fresh process, after a one-image warm-up; float32, "
+        f"{'32x32 tiny model' if args.quick else '224x224 RepVGG-A0'}."
+    )
+    write_result(
+        "memory", "Peak memory per form", "\n".join(lines), args.threads, write=not args.no_write
+    )
+
+
+def _extra(parser) -> None:
+    parser.add_argument(
+        "--child", nargs=2, metavar=("FORM", "BATCH"), help=__import__("argparse").SUPPRESS
+    )
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+
+
+if __name__ == "__main__":
+    main()

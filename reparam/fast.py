@@ -1,0 +1,1020 @@
+"""A fast inference path for the deploy form: a stack of 3x3 convolutions, each + bias + ReLU.
+
+:func:`reparam.conv2d` is the general reference (any stride, dilation and groups,
+NCHW in and out). :class:`DeployStack` handles only what a reparameterized
+RepVGG is made of, 3x3 kernels with padding 1, stride 1 or 2, any groups, each
+followed by its bias and a ReLU, and does it as fast as NumPy allows:
+
+* activations stay NHWC between layers (the channel axis is the contiguous
+  one, so every gathered row of a receptive field is a block copy); NCHW is
+  converted once on the way in and once on the way out (an RGB stem gathers
+  its columns straight from NCHW planes, which copy faster);
+* every layer reads a zero-bordered padded buffer and writes its ReLU output
+  straight into the interior of the next layer's padded buffer; all buffers
+  are allocated once per input shape and reused;
+* stride-2 layers, grouped layers and the stem use im2col (one strided view,
+  one copy into a preallocated column buffer, one matrix multiply whose
+  extra column of ones adds the bias);
+* stride-1 layers use Winograd's minimal filtering F(2x2, 3x3) or F(4x4, 3x3)
+  (Lavin & Gray, 2016): 16 (or 36) matrix products per tile instead of 9 per
+  output pixel, 2.25x (or 4x) fewer multiply-adds. The kernel transforms are
+  precomputed, in float64, when the stack is built; the input and output
+  transforms are small matrix products too, over all tiles and channels;
+* the batch is processed in chunks of images, so the extra memory is bounded
+  by ``max_chunk_bytes`` whatever the batch size; within a chunk, layers with
+  large images run a few images at a time (``layer_bytes``) so their scratch
+  stays in cache;
+* NumPy runs its copies on one core and BLAS parallelizes only large matrix
+  products, so with ``threads > 1`` the copies are split across threads and
+  Winograd layers compute bands of rows side by side (NumPy releases the GIL).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ._checks import FloatArray, as_float_array, positive_int
+from .errors import ReparamError
+
+__all__ = ["ALGORITHMS", "DeployStack", "choose_algorithm", "winograd_matrices"]
+
+#: The algorithms a layer can use; Winograd needs stride 1 and groups 1.
+ALGORITHMS: tuple[str, ...] = ("im2col", "winograd2", "winograd4")
+
+#: Above this many input channels, F(4x4, 3x3) is not used (float32 error, memory).
+_WIDE = 256
+
+#: An image side large enough for every layer to use its fastest algorithm.
+_LARGE = 1 << 16
+
+#: A first layer with at most this many input channels reads NCHW (see _reads_nchw).
+_NCHW_CHANNELS = 4
+
+#: Copies smaller than this many elements are not worth splitting across threads.
+_PARALLEL_ELEMENTS = 1 << 15
+
+#: Default bound on the scratch of one layer call (columns, Winograd tiles): large
+#: layers then run a few images at a time on data that stays in cache.
+DEFAULT_LAYER_BYTES = 8 * 2**20
+
+#: Default bound on the scratch memory of one chunk of images.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+def winograd_matrices(tile: int) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Return the transforms ``(B^T, G, A^T)`` of Winograd's F(m x m, 3 x 3), ``m = tile``.
+
+    Parameters
+    ----------
+    tile : {2, 4}
+        Output tile side ``m``; the input tile side is ``t = m + 2``.
+
+    Returns
+    -------
+    tuple of ndarray, shapes (t, t), (t, 3), (m, t)
+        Input transform ``B^T``, kernel transform ``G`` and output transform
+        ``A^T`` in float64, such that a 1-D correlation of a length-``t``
+        input ``d`` with a 3-tap kernel ``g`` is ``A^T [(G g) * (B^T d)]``.
+
+    Raises
+    ------
+    ReparamError
+        If ``tile`` is not 2 or 4.
+
+    Notes
+    -----
+    The interpolation points are 0, 1, -1 (and 2, -2 for ``m = 4``) and
+    infinity, the choice of Lavin & Gray (2016) that keeps the coefficients
+    small. The 2-D algorithm nests the 1-D one: ``Y = A^T [(G g G^T) *
+    (B^T d B)] A``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> bt, g, at = winograd_matrices(2)
+    >>> d, k = np.arange(4.0), np.array([1.0, 2.0, 3.0])
+    >>> at @ ((g @ k) * (bt @ d))
+    array([ 8., 14.])
+    """
+    if tile == 2:
+        bt = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], float)
+        g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+        at = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], float)
+        return bt, g, at
+    if tile == 4:
+        bt = np.array(
+            [
+                [4, 0, -5, 0, 1, 0],
+                [0, -4, -4, 1, 1, 0],
+                [0, 4, -4, -1, 1, 0],
+                [0, -2, -1, 2, 1, 0],
+                [0, 2, -1, -2, 1, 0],
+                [0, 4, 0, -5, 0, 1],
+            ],
+            float,
+        )
+        g = np.array(
+            [
+                [1 / 4, 0, 0],
+                [-1 / 6, -1 / 6, -1 / 6],
+                [-1 / 6, 1 / 6, -1 / 6],
+                [1 / 24, 1 / 12, 1 / 6],
+                [1 / 24, -1 / 12, 1 / 6],
+                [0, 0, 1],
+            ]
+        )
+        at = np.array(
+            [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+            float,
+        )
+        return bt, g, at
+    raise ReparamError(f"winograd_matrices: unsupported tile; got {tile!r}, expected 2 or 4")
+
+
+def choose_algorithm(
+    *, in_channels: int, out_channels: int, stride: int, groups: int, height: int, width: int
+) -> str:
+    """Pick the algorithm of one layer, from speed and error measured on a 2-core AVX-512 CPU.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        The layer's channels.
+    stride, groups : int
+        The layer's stride and groups.
+    height, width : int
+        The layer's input size.
+
+    Returns
+    -------
+    str
+        ``"im2col"`` for strided or grouped layers (Winograd needs stride 1
+        and one group), images under 4 pixels a side and fewer than 8 input
+        channels (where the transforms cost more than they save);
+        ``"winograd4"`` up to 256 input channels; ``"winograd2"`` above.
+
+    Notes
+    -----
+    F(4x4, 3x3) does 4x fewer multiply-adds than a direct convolution and
+    F(2x2, 3x3) 2.25x fewer, but F(4x4, 3x3) rounds worse: its float32 error,
+    relative to the output magnitude, grows with the channels summed (about
+    2e-6 at 16 channels, 7e-6 at 192, 8e-6 at 640, against 2e-7 to 6e-7 for
+    F(2x2, 3x3) and im2col), and its transformed kernels take 4x the memory
+    of the kernels (F(2x2, 3x3): 1.8x). Wide layers therefore use F(2x2, 3x3).
+    Both stay well inside the project's float32 tolerance of 2e-5; a whole
+    RepVGG-A0 agrees with a float64 reference to about 4e-6.
+    """
+    if stride != 1 or groups != 1 or min(height, width) < 4 or in_channels < 8:
+        return "im2col"
+    return "winograd4" if in_channels <= _WIDE else "winograd2"
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One validated deploy layer and its precomputed float64 weights."""
+
+    kernel: FloatArray  # (O, I/g, 3, 3) as given
+    bias: FloatArray  # (O,)
+    stride: int
+    groups: int
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.kernel.shape[1]) * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.kernel.shape[0])
+
+
+def _output_size(size: int, stride: int) -> int:
+    """Output length of a 3-tap, padding-1 convolution."""
+    return (size - 1) // stride + 1
+
+
+def _gemm_weights(layer: _Layer, dtype: np.dtype[Any]) -> FloatArray:
+    """im2col weights ``(groups, 9 * I/g + 1, O/g)``: rows in (kh, kw, c) order, then the bias."""
+    groups = layer.groups
+    out_per_group = layer.out_channels // groups
+    per_group = layer.kernel.shape[1]
+    kernel = layer.kernel.astype(np.float64).reshape(groups, out_per_group, per_group, 3, 3)
+    matrix = np.empty((groups, 9 * per_group + 1, out_per_group))
+    matrix[:, :-1] = kernel.transpose(0, 3, 4, 2, 1).reshape(groups, 9 * per_group, out_per_group)
+    matrix[:, -1] = layer.bias.astype(np.float64).reshape(groups, out_per_group)
+    return matrix.astype(dtype)
+
+
+def _gemm_weights_nchw(layer: _Layer, dtype: np.dtype[Any]) -> FloatArray:
+    """First-layer im2col weights ``(9 * I + 1, O)``: rows in (c, kh, kw) order, then the bias."""
+    taps = 9 * layer.in_channels
+    matrix = np.empty((taps + 1, layer.out_channels))
+    matrix[:-1] = layer.kernel.astype(np.float64).reshape(layer.out_channels, taps).T
+    matrix[-1] = layer.bias
+    return matrix.astype(dtype)
+
+
+def _winograd_weights(layer: _Layer, tile: int, dtype: np.dtype[Any]) -> FloatArray:
+    """Transform the kernels, ``U = G k G^T``, laid out ``(t * t, I, O)``, in float64."""
+    _, g, _ = winograd_matrices(tile)
+    side = tile + 2
+    transformed = np.matmul(np.matmul(g, layer.kernel.astype(np.float64)), g.T)  # (O, I, t, t)
+    matrix = np.empty((side, side, layer.in_channels, layer.out_channels), dtype=dtype)
+    np.copyto(matrix, transformed.transpose(2, 3, 1, 0), casting="unsafe")
+    return matrix.reshape(side * side, layer.in_channels, layer.out_channels)
+
+
+_TRANSFORMS: dict[tuple[int, np.dtype[Any]], tuple[FloatArray, FloatArray]] = {}
+
+
+def _transforms(tile: int, dtype: np.dtype[Any]) -> tuple[FloatArray, FloatArray]:
+    """``(B^T, A^T)`` in ``dtype`` (their entries are small integers: exact in any float)."""
+    key = (tile, np.dtype(dtype))
+    if key not in _TRANSFORMS:
+        bt, _, at = winograd_matrices(tile)
+        _TRANSFORMS[key] = (bt.astype(dtype), at.astype(dtype))
+    return _TRANSFORMS[key]
+
+
+class _Arena:
+    """Flat scratch arrays handed out as shaped views; grown, never shrunk."""
+
+    def __init__(self, dtype: np.dtype[Any]) -> None:
+        self.dtype = dtype
+        self.slots: dict[str, FloatArray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> FloatArray:
+        size = int(np.prod(shape))
+        slot = self.slots.get(name)
+        if slot is None or slot.size < size:
+            slot = np.empty(size, dtype=self.dtype)
+            self.slots[name] = slot
+        return slot[:size].reshape(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.slots.values())
+
+
+class _Workers:
+    """Threads for the copies NumPy runs on one core (it releases the GIL inside them).
+
+    BLAS already spreads each matrix product over the cores; the gathers and
+    the ReLU scatters between them would otherwise run on one. Work is split
+    along an axis into ``threads`` parts; the calling thread does one part.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+
+    def run(self, tasks: Sequence[Callable[[], object]]) -> None:
+        if self.threads <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                task()
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="reparam")
+        futures = [self._pool.submit(task) for task in tasks[1:]]
+        tasks[0]()
+        for future in futures:
+            future.result()
+
+    def parts(self, length: int, size: int) -> list[tuple[int, int]]:
+        """``[start, stop)`` ranges splitting ``length`` for an array of ``size`` elements."""
+        count = min(self.threads, length) if size >= _PARALLEL_ELEMENTS else 1
+        bounds = [length * k // count for k in range(count + 1)]
+        return [(bounds[k], bounds[k + 1]) for k in range(count) if bounds[k] < bounds[k + 1]]
+
+    def copyto(self, out: FloatArray, source: FloatArray, *, axis: int) -> None:
+        """``np.copyto(out, source)``, split along ``axis``."""
+        self.run(
+            [
+                partial(np.copyto, _take(out, axis, a, b), _take(source, axis, a, b), "unsafe")
+                for a, b in self.parts(out.shape[axis], out.size)
+            ]
+        )
+
+    def relu(self, out: FloatArray, source: FloatArray, *, axis: int) -> None:
+        """``np.maximum(source, 0, out=out)``, split along ``axis``."""
+        self.run(
+            [
+                partial(_relu, _take(out, axis, a, b), _take(source, axis, a, b))
+                for a, b in self.parts(out.shape[axis], out.size)
+            ]
+        )
+
+
+_SERIAL = _Workers(1)
+
+
+def _take(array: FloatArray, axis: int, start: int, stop: int) -> FloatArray:
+    index: list[slice] = [slice(None)] * array.ndim
+    index[axis] = slice(start, stop)
+    return array[tuple(index)]
+
+
+def _relu(out: FloatArray, source: FloatArray) -> None:
+    np.maximum(source, 0, out=out)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Buffers and geometry for one input shape, chunk size and dtype."""
+
+    chunk: int
+    dtype: np.dtype[Any]
+    sizes: list[tuple[int, int]]  # input (H, W) of every layer, then the output size
+    algorithms: list[str]
+    steps: list[int]  # images per call of each layer
+    nchw_input: bool  # the first layer reads an NCHW padded buffer (few input channels)
+    padded: list[FloatArray]  # zero-bordered NHWC input buffer of every layer, then output
+    arenas: list[_Arena]  # scratch of each worker thread
+
+
+class DeployStack:
+    """A stack of ``relu(conv3x3(x, kernel, stride, padding=1, groups) + bias)`` layers.
+
+    Built once from the deploy-form layers (everything that depends only on
+    the kernels is precomputed), then called on NCHW batches.
+
+    Parameters
+    ----------
+    layers : iterable of (kernel, bias, stride, groups)
+        ``kernel`` of shape ``(C_out, C_in // groups, 3, 3)``, ``bias`` of
+        shape ``(C_out,)``, ``stride`` 1 or 2, ``groups`` dividing both
+        channel counts. Each layer's ``C_in`` is the previous ``C_out``.
+        Objects with ``kernel``, ``bias``, ``stride`` and ``groups``
+        attributes (a deploy block) are accepted too. The arrays are copied.
+    algorithms : sequence of str, optional
+        One of :data:`ALGORITHMS` per layer, or None (the default) for
+        :func:`choose_algorithm` per layer and input size. Winograd is used
+        only where the layer allows it (stride 1, groups 1); elsewhere the
+        request falls back to ``"im2col"``.
+    max_chunk_bytes : int, default 256 MiB
+        Bound on the buffers (padded activations, im2col columns, Winograd
+        tiles) of one chunk of images; the batch is processed in chunks of as
+        many images as fit (at least one), so the extra memory of a call does
+        not grow with the batch (see :meth:`scratch_bytes`). The buffers are
+        kept between calls with the same input shape.
+    layer_bytes : int, default 8 MiB
+        Bound on the scratch of one call of one layer: layers with large
+        images run on a few images of the chunk at a time (at least one), so
+        their im2col columns or Winograd tiles stay in cache, while layers
+        with small images run on the whole chunk at once (larger, faster
+        matrix products).
+    threads : int, optional
+        Threads for the copies between the matrix products (the gathers of
+        im2col columns and Winograd tiles, and the ReLU scatters), which NumPy
+        runs on one core; None (the default) for the CPUs available, at most
+        8. The matrix products use NumPy's BLAS and its own threads.
+
+    Raises
+    ------
+    ReparamError
+        If there are no layers, a kernel is not ``(O, I/g, 3, 3)``, a bias has
+        the wrong length, a stride is not 1 or 2, groups do not divide the
+        channels, consecutive layers' channels do not chain, or an algorithm
+        name is unknown.
+
+    Notes
+    -----
+    The result equals the reference ``conv2d(x, kernel, bias, stride=s,
+    padding=1, groups=g)`` followed by ``np.maximum(., 0)``, layer after
+    layer, up to rounding: float64 to about 1e-14 relative, float32 to about
+    5e-7 relative with im2col and F(2x2, 3x3), about 1e-6 to 8e-6 with
+    F(4x4, 3x3) (its transforms have coefficients up to 8, and the error
+    grows with the number of channels summed).
+
+    The result dtype is ``np.result_type(x, kernels, biases)``, computed in at
+    least float32 (float16 is computed in float32), like :func:`conv2d`.
+
+    Calls are serialized by a lock (the buffers are shared); for parallel
+    inference, build one stack per thread.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from reparam import conv2d
+    >>> rng = np.random.default_rng(0)
+    >>> layers = [(rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4), 2, 1),
+    ...           (rng.standard_normal((4, 4, 3, 3)), rng.standard_normal(4), 1, 1)]
+    >>> x = rng.standard_normal((2, 3, 9, 7))
+    >>> y = x
+    >>> for kernel, bias, stride, groups in layers:
+    ...     y = np.maximum(conv2d(y, kernel, bias, stride=stride, padding=1, groups=groups), 0)
+    >>> stack = DeployStack(layers)
+    >>> bool(np.allclose(stack(x), y, rtol=0, atol=1e-12))
+    True
+    >>> stack(x, pool=True).shape
+    (2, 4)
+    """
+
+    def __init__(
+        self,
+        layers: Iterable[Any],
+        *,
+        algorithms: Sequence[str] | None = None,
+        max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        layer_bytes: int = DEFAULT_LAYER_BYTES,
+        threads: int | None = None,
+    ) -> None:
+        func = "DeployStack"
+        checked = [_check_layer(i, entry, func=func) for i, entry in enumerate(layers)]
+        if not checked:
+            raise ReparamError(f"{func}: layers is empty; got 0 layers, expected at least 1")
+        for i in range(1, len(checked)):
+            if checked[i].in_channels != checked[i - 1].out_channels:
+                raise ReparamError(
+                    f"{func}: layer {i} does not chain; got C_in = {checked[i].in_channels}, "
+                    f"expected {checked[i - 1].out_channels} (layer {i - 1}'s C_out)"
+                )
+        if algorithms is not None:
+            algorithms = list(algorithms)
+            if len(algorithms) != len(checked):
+                raise ReparamError(
+                    f"{func}: algorithms has the wrong length; got {len(algorithms)}, "
+                    f"expected {len(checked)} (one per layer)"
+                )
+            for i, name in enumerate(algorithms):
+                if name not in ALGORITHMS:
+                    raise ReparamError(
+                        f"{func}: unknown algorithm for layer {i}; got {name!r}, "
+                        f"expected one of {ALGORITHMS}"
+                    )
+        self._layers = checked
+        self._requested: list[str] | None = algorithms
+        self._max_chunk_bytes = positive_int(max_chunk_bytes, func=func, name="max_chunk_bytes")
+        self._layer_bytes = positive_int(layer_bytes, func=func, name="layer_bytes")
+        if threads is None:
+            threads = _default_threads()
+        self._workers = _Workers(positive_int(threads, func=func, name="threads"))
+        self.dtype: np.dtype[Any] = np.result_type(
+            *{array.dtype for layer in checked for array in (layer.kernel, layer.bias)}
+        )
+        self._weights: dict[tuple[int, str, np.dtype[Any]], FloatArray] = {}
+        self._plans: dict[tuple[int, int, int, np.dtype[Any]], _Plan] = {}
+        self._lock = threading.Lock()
+        # precompute the weights each layer uses on large images; other forms (tiny
+        # images, another dtype) are computed on first use and kept
+        compute = np.promote_types(self.dtype, np.float32)
+        for i, name in enumerate(self.algorithms(_LARGE, _LARGE)):
+            self._layer_weights(i, name, compute)
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the input."""
+        return self._layers[0].in_channels
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the output."""
+        return self._layers[-1].out_channels
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def algorithms(self, height: int, width: int) -> list[str]:
+        """Return the algorithm each layer uses for an input of ``height x width`` pixels."""
+        result = []
+        for i, layer in enumerate(self._layers):
+            if self._requested is not None:
+                name = self._requested[i] if _winograd_allowed(layer) else "im2col"
+            else:
+                name = choose_algorithm(
+                    in_channels=layer.in_channels,
+                    out_channels=layer.out_channels,
+                    stride=layer.stride,
+                    groups=layer.groups,
+                    height=height,
+                    width=width,
+                )
+            result.append(name)
+            height, width = _output_size(height, layer.stride), _output_size(width, layer.stride)
+        return result
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """Output ``(H, W)`` for an input of ``height x width`` pixels."""
+        for layer in self._layers:
+            height, width = _output_size(height, layer.stride), _output_size(width, layer.stride)
+        return height, width
+
+    def __call__(self, x: npt.ArrayLike, *, pool: bool = False) -> FloatArray:
+        """Run the stack on an NCHW batch.
+
+        Parameters
+        ----------
+        x : array_like, shape (N, C_in, H, W)
+            Input batch, ``N >= 0``, ``H, W >= 1``.
+        pool : bool, default False
+            Return the global average over the output pixels instead of the
+            feature maps (no NCHW copy of the last activations is made).
+
+        Returns
+        -------
+        ndarray, shape (N, C_out, H_out, W_out) or (N, C_out)
+            New array of ``np.result_type(x, kernels, biases)``.
+
+        Raises
+        ------
+        ReparamError
+            If ``x`` is not a 4-D floating array with ``C_in`` channels and at
+            least one pixel.
+        """
+        inputs, compute = self._check_input(x, func="DeployStack")
+        batch, _, height, width = inputs.shape
+        result_dtype = np.result_type(inputs.dtype, self.dtype)
+        out_h, out_w = self.output_size(height, width)
+        shape = (batch, self.out_channels) if pool else (batch, self.out_channels, out_h, out_w)
+        output = np.empty(shape, dtype=result_dtype)
+        if batch == 0:
+            return output
+        with self._lock:  # the buffers are shared: one call at a time
+            plan = self._plan(height, width, compute, batch)
+            for start in range(0, batch, plan.chunk):
+                stop = min(batch, start + plan.chunk)
+                last = self._run_chunk(plan, inputs[start:stop])
+                if pool:
+                    output[start:stop] = last.mean(axis=(1, 2), dtype=compute)
+                else:
+                    np.copyto(output[start:stop], last.transpose(0, 3, 1, 2), casting="unsafe")
+        return output
+
+    def profile(self, x: npt.ArrayLike) -> list[tuple[str, float]]:
+        """Time one forward pass layer by layer (for benchmarks).
+
+        Parameters
+        ----------
+        x : array_like, shape (N, C_in, H, W)
+            Input batch; it is run in chunks as by :meth:`__call__`.
+
+        Returns
+        -------
+        list of (str, float)
+            Per layer, its algorithm and the seconds it took, summed over
+            chunks. The layout conversions at the edges are not included.
+        """
+        inputs, compute = self._check_input(x, func="DeployStack.profile")
+        seconds = [0.0] * len(self._layers)
+        with self._lock:
+            plan = self._plan(inputs.shape[2], inputs.shape[3], compute, inputs.shape[0])
+            for start in range(0, inputs.shape[0], plan.chunk):
+                self._run_chunk(plan, inputs[start : start + plan.chunk], seconds)
+        return list(zip(plan.algorithms, seconds, strict=True))
+
+    def tune(self, x: npt.ArrayLike, *, repeats: int = 3) -> list[str]:
+        """Time every algorithm on every layer for ``x``'s shape and keep the fastest.
+
+        Parameters
+        ----------
+        x : array_like, shape (N, C_in, H, W)
+            A representative batch (its shape and dtype matter, not its values).
+        repeats : int, default 3
+            Timed forward passes per algorithm; the minimum per layer counts.
+
+        Returns
+        -------
+        list of str
+            The algorithm now used by each layer (for every input shape, as if
+            passed as ``algorithms=``).
+
+        Notes
+        -----
+        Candidates are the algorithms a layer allows, minus F(4x4, 3x3) above
+        256 input channels (its float32 error, see :func:`choose_algorithm`).
+        The choice depends on timings, so on the machine and its load; every
+        candidate agrees with the reference within the tolerance.
+        """
+        repeats = positive_int(repeats, func="DeployStack.tune", name="repeats")
+        best: list[tuple[float, str]] = [(float("inf"), "im2col")] * len(self._layers)
+        for name in ALGORITHMS:
+            self._requested = [name] * len(self._layers)
+            self._plans.clear()
+            for _ in range(repeats):
+                for i, (used, seconds) in enumerate(self.profile(x)):
+                    allowed = used == name and not (
+                        name == "winograd4" and self._layers[i].in_channels > _WIDE
+                    )
+                    if allowed and seconds < best[i][0]:
+                        best[i] = (seconds, name)
+        chosen = [name for _, name in best]
+        self._requested = chosen
+        self._plans.clear()
+        self._weights = {k: w for k, w in self._weights.items() if k[1] == chosen[k[0]]}
+        return list(chosen)
+
+    def scratch_bytes(
+        self,
+        height: int,
+        width: int,
+        *,
+        batch: int | None = None,
+        dtype: npt.DTypeLike | None = None,
+    ) -> int:
+        """Bytes of the buffers one call keeps for inputs of ``height x width`` pixels.
+
+        Parameters
+        ----------
+        height, width : int
+            Input size.
+        batch : int, optional
+            Batch size; None for the largest chunk ``max_chunk_bytes`` allows.
+        dtype : dtype, optional
+            Input dtype; None for the stack's own.
+
+        Returns
+        -------
+        int
+            Bytes of the padded activations and the scratch of one chunk of
+            images: the extra memory of a call, whatever the batch size.
+        """
+        compute = np.promote_types(np.result_type(self.dtype, dtype or self.dtype), np.float32)
+        return self._chunk_bytes(height, width, compute, self._chunk(height, width, compute, batch))
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_input(self, x: npt.ArrayLike, *, func: str) -> tuple[FloatArray, np.dtype[Any]]:
+        """Check ``x`` (floating, NCHW, C_in channels, pixels); return it and the compute dtype."""
+        inputs = as_float_array(x, func=func, name="x", ndim=4)
+        _, channels, height, width = inputs.shape
+        if channels != self.in_channels:
+            raise ReparamError(
+                f"{func}: x has the wrong number of channels; got x.shape[1]={channels}, "
+                f"expected {self.in_channels} (hint: x is NCHW)"
+            )
+        if height < 1 or width < 1:
+            raise ReparamError(
+                f"{func}: x has no pixels; got H x W = {height} x {width}, expected both >= 1"
+            )
+        return inputs, np.promote_types(np.result_type(inputs.dtype, self.dtype), np.float32)
+
+    def _layer_weights(self, index: int, name: str, dtype: np.dtype[Any]) -> FloatArray:
+        key = (index, name, dtype)
+        weights = self._weights.get(key)
+        if weights is None:
+            layer = self._layers[index]
+            if name == "im2col":
+                weights = _gemm_weights(layer, dtype)
+            elif name == "im2col_nchw":
+                weights = _gemm_weights_nchw(layer, dtype)
+            else:
+                weights = _winograd_weights(layer, 2 if name == "winograd2" else 4, dtype)
+            self._weights[key] = weights
+        return weights
+
+    def _chunk(self, height: int, width: int, dtype: np.dtype[Any], batch: int | None) -> int:
+        """Images per chunk: as many as ``max_chunk_bytes`` holds, at least 1, at most ``batch``."""
+        per_image = self._chunk_bytes(height, width, dtype, 1)
+        chunk = max(1, self._max_chunk_bytes // per_image)
+        return chunk if batch is None else max(1, min(chunk, batch))
+
+    def _plan(self, height: int, width: int, dtype: np.dtype[Any], batch: int | None) -> _Plan:
+        chunk = self._chunk(height, width, dtype, batch)
+        key = (height, width, chunk, dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            self._plans.clear()  # keep the buffers of one shape only
+            plan = self._make_plan(height, width, dtype, chunk)
+            self._plans[key] = plan
+        return plan
+
+    def _geometry(self, height: int, width: int) -> tuple[list[tuple[int, int]], list[str]]:
+        sizes = [(height, width)]
+        for layer in self._layers:
+            h, w = sizes[-1]
+            sizes.append((_output_size(h, layer.stride), _output_size(w, layer.stride)))
+        return sizes, self.algorithms(height, width)
+
+    def _padded_shape(self, index: int, size: tuple[int, int], algorithm: str) -> tuple[int, int]:
+        h, w = size
+        if algorithm == "im2col":
+            return h + 2, w + 2
+        tile = 2 if algorithm == "winograd2" else 4
+        return -(-h // tile) * tile + 2, -(-w // tile) * tile + 2
+
+    def _steps(
+        self, sizes: list[tuple[int, int]], algorithms: list[str], chunk: int, itemsize: int
+    ) -> list[int]:
+        """Images per call of each layer: as many as ``layer_bytes`` of scratch hold (>= 1)."""
+        steps = []
+        for i, layer in enumerate(self._layers):
+            per_image = sum(_scratch_sizes(layer, sizes[i], algorithms[i], 1).values())
+            fit = self._layer_bytes // max(1, per_image * itemsize)
+            steps.append(max(1, min(chunk, fit)))
+        return steps
+
+    def _bands(self, rows: int, tile: int) -> list[tuple[int, int]]:
+        """Output row ranges, whole tiles each, that the worker threads compute side by side."""
+        tile_rows = -(-rows // tile)
+        return [
+            (start * tile, min(rows, stop * tile))
+            for start, stop in self._workers.parts(tile_rows, _PARALLEL_ELEMENTS)
+        ]
+
+    def _scratch(
+        self, sizes: list[tuple[int, int]], algorithms: list[str], steps: list[int]
+    ) -> list[dict[str, int]]:
+        """Elements of each scratch buffer of each worker's arena."""
+        arenas: list[dict[str, int]] = [{} for _ in range(self._workers.threads)]
+        for i, layer in enumerate(self._layers):
+            h, w = sizes[i]
+            if algorithms[i] == "im2col":
+                needs = [_scratch_sizes(layer, (h, w), "im2col", steps[i])]
+            else:
+                tile = 2 if algorithms[i] == "winograd2" else 4
+                needs = [
+                    _scratch_sizes(layer, (stop - start, w), algorithms[i], steps[i])
+                    for start, stop in self._bands(h, tile)
+                ]
+            for arena, need in zip(arenas, needs, strict=False):
+                for name, size in need.items():
+                    arena[name] = max(arena.get(name, 0), size)
+        return arenas
+
+    def _chunk_bytes(self, height: int, width: int, dtype: np.dtype[Any], chunk: int) -> int:
+        """Bytes of the buffers of a chunk of ``chunk`` images (what :meth:`_make_plan` makes)."""
+        sizes, algorithms = self._geometry(height, width)
+        steps = self._steps(sizes, algorithms, chunk, dtype.itemsize)
+        total = 0
+        for i, layer in enumerate(self._layers):
+            hp, wp = self._padded_shape(i, sizes[i], algorithms[i])
+            total += chunk * hp * wp * layer.in_channels
+        h, w = sizes[-1]
+        total += chunk * h * w * self._layers[-1].out_channels
+        scratch = sum(sum(arena.values()) for arena in self._scratch(sizes, algorithms, steps))
+        return (total + scratch) * dtype.itemsize
+
+    def _make_plan(self, height: int, width: int, dtype: np.dtype[Any], chunk: int) -> _Plan:
+        sizes, algorithms = self._geometry(height, width)
+        steps = self._steps(sizes, algorithms, chunk, dtype.itemsize)
+        padded = []
+        for i, layer in enumerate(self._layers):
+            hp, wp = self._padded_shape(i, sizes[i], algorithms[i])
+            padded.append(np.zeros((chunk, hp, wp, layer.in_channels), dtype=dtype))
+        h, w = sizes[-1]
+        padded.append(np.zeros((chunk, h, w, self._layers[-1].out_channels), dtype=dtype))
+        nchw_input = _reads_nchw(self._layers[0], algorithms[0])
+        if nchw_input:
+            padded[0] = padded[0].transpose(0, 3, 1, 2).copy()  # (chunk, C, H + 2, W + 2)
+        arenas = []
+        for needs in self._scratch(sizes, algorithms, steps):  # the largest scratch, once
+            arena = _Arena(dtype)
+            for name, size in needs.items():
+                arena.get(name, (size,))
+            arenas.append(arena)
+        return _Plan(chunk, dtype, sizes, algorithms, steps, nchw_input, padded, arenas)
+
+    def _run_chunk(
+        self, plan: _Plan, x: FloatArray, seconds: list[float] | None = None
+    ) -> FloatArray:
+        n = x.shape[0]
+        h, w = plan.sizes[0]
+        first = plan.padded[0][:n]
+        if plan.nchw_input:
+            self._workers.copyto(first[:, :, 1 : h + 1, 1 : w + 1], x, axis=1)
+        else:
+            self._workers.copyto(first[:, 1 : h + 1, 1 : w + 1], x.transpose(0, 2, 3, 1), axis=1)
+        for i, layer in enumerate(self._layers):
+            oh, ow = plan.sizes[i + 1]
+            target = plan.padded[i + 1]
+            interior = target if i + 1 == len(self._layers) else target[:, 1 : oh + 1, 1 : ow + 1]
+            weights = self._layer_weights(i, plan.algorithms[i], plan.dtype)
+            started = time.perf_counter()
+            step = plan.steps[i]
+            for start in range(0, n, step):  # large layers a few images at a time
+                stop = min(n, start + step)
+                source = plan.padded[i][start:stop]
+                part = interior[start:stop]
+                if i == 0 and plan.nchw_input:
+                    nchw_weights = self._layer_weights(0, "im2col_nchw", plan.dtype)
+                    _im2col_nchw_layer(source, nchw_weights, layer, part, plan.arenas[0])
+                    continue
+                if plan.algorithms[i] == "im2col":  # large products: BLAS threads them
+                    _im2col_layer(source, weights, layer, part, plan.arenas[0], self._workers)
+                    continue
+                # Winograd's products are small: the workers take a band of rows each
+                tile = 2 if plan.algorithms[i] == "winograd2" else 4
+                tasks = []
+                for k, (top, bottom) in enumerate(self._bands(oh, tile)):
+                    rows = -(-(bottom - top) // tile) * tile + 2
+                    tasks.append(
+                        partial(
+                            _winograd_layer,
+                            source[:, top : top + rows],
+                            weights,
+                            layer,
+                            part[:, top:bottom],
+                            plan.arenas[k],
+                            _SERIAL,
+                            tile,
+                        )
+                    )
+                self._workers.run(tasks)
+            if seconds is not None:
+                seconds[i] += time.perf_counter() - started
+        return plan.padded[-1][:n]
+
+
+def _default_threads() -> int:
+    """Count the CPUs this process may run on (at most 8)."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    return max(1, min(8, available))
+
+
+def _winograd_allowed(layer: _Layer) -> bool:
+    return layer.stride == 1 and layer.groups == 1
+
+
+def _check_layer(index: int, entry: Any, *, func: str) -> _Layer:
+    where = f"layer {index}"
+    if all(hasattr(entry, name) for name in ("kernel", "bias", "stride", "groups")):
+        entry = (entry.kernel, entry.bias, entry.stride, entry.groups)
+    try:
+        kernel_like, bias_like, stride, groups = entry
+    except (TypeError, ValueError) as exc:
+        raise ReparamError(
+            f"{func}: {where} must be a (kernel, bias, stride, groups) tuple; got {entry!r:.80}"
+        ) from exc
+    kernel = as_float_array(kernel_like, func=func, name=f"{where} kernel", ndim=4)
+    bias = as_float_array(bias_like, func=func, name=f"{where} bias", ndim=1)
+    stride = positive_int(stride, func=func, name=f"{where} stride")
+    groups = positive_int(groups, func=func, name=f"{where} groups")
+    out_channels, per_group, kh, kw = kernel.shape
+    if (kh, kw) != (3, 3):
+        raise ReparamError(
+            f"{func}: {where} kernel must be 3x3; got shape {kernel.shape}, "
+            "expected (C_out, C_in // groups, 3, 3) (hint: fuse the block first)"
+        )
+    if stride not in (1, 2):
+        raise ReparamError(f"{func}: {where} stride must be 1 or 2; got {stride}")
+    if out_channels % groups != 0 or per_group < 1:
+        raise ReparamError(
+            f"{func}: {where} groups={groups} does not divide C_out={out_channels}; "
+            f"expected a divisor of {out_channels}"
+        )
+    if bias.shape[0] != out_channels:
+        raise ReparamError(
+            f"{func}: {where} bias has the wrong length; got {bias.shape[0]}, "
+            f"expected {out_channels} (kernel.shape[0])"
+        )
+    return _Layer(kernel.copy(), bias.copy(), stride, groups)
+
+
+def _scratch_sizes(
+    layer: _Layer, size: tuple[int, int], algorithm: str, chunk: int
+) -> dict[str, int]:
+    """Elements of each shared scratch buffer one layer needs."""
+    h, w = size
+    if algorithm == "im2col":
+        oh, ow = _output_size(h, layer.stride), _output_size(w, layer.stride)
+        rows = chunk * oh * ow
+        taps = 9 * layer.in_channels // layer.groups + 1
+        return {"columns": rows * taps * layer.groups, "product": rows * layer.out_channels}
+    tile = 2 if algorithm == "winograd2" else 4
+    side = tile + 2
+    th, tw = -(-h // tile), -(-w // tile)
+    tiles = chunk * th * tw
+    channels, out_channels = layer.in_channels, layer.out_channels
+    return {
+        "gathered": side * side * tiles * channels,
+        "stage": side * tiles * max(side * channels, tile * out_channels),
+        "product": side * side * tiles * out_channels,
+        "output": tile * tile * tiles * out_channels,
+    }
+
+
+def _im2col_layer(
+    source: FloatArray,
+    weights: FloatArray,
+    layer: _Layer,
+    interior: FloatArray,
+    arena: _Arena,
+    workers: _Workers,
+) -> None:
+    """``interior = relu(conv(source) + bias)`` by one gather copy and one (batched) GEMM."""
+    n, oh, ow, out_channels = interior.shape
+    groups, stride = layer.groups, layer.stride
+    per_group = layer.in_channels // groups
+    out_per_group = out_channels // groups
+    taps = 9 * per_group
+    rows = n * oh * ow
+    columns = arena.get("columns", (groups, rows, taps + 1))
+    if groups == 1:
+        # NHWC rows hold (kw, c) contiguously: gather runs of 3 * C values at a time
+        flat = source.reshape(n, source.shape[1], source.shape[2] * per_group)
+        windows = sliding_window_view(flat, (3, 3 * per_group), axis=(1, 2))
+        windows = windows[
+            :,
+            : (oh - 1) * stride + 1 : stride,
+            : (ow - 1) * stride * per_group + 1 : stride * per_group,
+        ]
+        workers.copyto(columns[0, :, :taps].reshape(n, oh, ow, 3, 3 * per_group), windows, axis=1)
+    else:
+        # (n, Hp-2, Wp-2, C, 3, 3) -> strided, cropped -> (g, n, oh, ow, 3, 3, Cg)
+        windows = sliding_window_view(source, (3, 3), axis=(1, 2))
+        windows = windows[:, : (oh - 1) * stride + 1 : stride, : (ow - 1) * stride + 1 : stride]
+        windows = windows.reshape(n, oh, ow, groups, per_group, 3, 3)
+        gathered = columns[:, :, :taps].reshape(groups, n, oh, ow, 3, 3, per_group)
+        workers.copyto(gathered, windows.transpose(3, 0, 1, 2, 5, 6, 4), axis=2)
+    columns[:, :, taps] = 1.0  # multiplies the bias row of the weights
+    product = arena.get("product", (groups, rows, out_per_group))
+    np.matmul(columns, weights, out=product)
+    grouped = product.reshape(groups, n, oh, ow, out_per_group).transpose(1, 2, 3, 0, 4)
+    workers.relu(interior.reshape(n, oh, ow, groups, out_per_group), grouped, axis=1)
+
+
+def _reads_nchw(layer: _Layer, algorithm: str) -> bool:
+    """Whether the first layer gathers its columns straight from an NCHW buffer.
+
+    With few input channels (an RGB stem) NHWC rows are too short for fast
+    copies; NCHW planes give long rows both for the layout change on the way
+    in and for the gather.
+    """
+    return algorithm == "im2col" and layer.groups == 1 and layer.in_channels <= _NCHW_CHANNELS
+
+
+def _im2col_nchw_layer(
+    source: FloatArray, weights: FloatArray, layer: _Layer, interior: FloatArray, arena: _Arena
+) -> None:
+    """Compute the first layer from an NCHW padded buffer, gathering one input plane at a time."""
+    n, oh, ow, out_channels = interior.shape
+    stride, channels = layer.stride, layer.in_channels
+    taps = 9 * channels
+    rows = n * oh * ow
+    # transposed columns: one row per (c, kh, kw), holding that tap for every output pixel
+    columns = arena.get("columns", (taps + 1, rows))
+    windows = sliding_window_view(source, (3, 3), axis=(2, 3))  # (n, C, Hp-2, Wp-2, 3, 3)
+    windows = windows[:, :, : (oh - 1) * stride + 1 : stride, : (ow - 1) * stride + 1 : stride]
+    planes = columns[:taps].reshape(channels, 3, 3, n, oh, ow)
+    np.copyto(planes, windows.transpose(1, 4, 5, 0, 2, 3))
+    columns[taps] = 1.0  # multiplies the bias row of the weights
+    product = arena.get("product", (rows, out_channels))
+    np.matmul(columns.T, weights, out=product)
+    np.maximum(product.reshape(n, oh, ow, out_channels), 0, out=interior)
+
+
+def _winograd_layer(
+    source: FloatArray,
+    weights: FloatArray,
+    layer: _Layer,
+    interior: FloatArray,
+    arena: _Arena,
+    workers: _Workers,
+    tile: int,
+) -> None:
+    """``interior = relu(conv(source) + bias)`` by Winograd F(tile x tile, 3 x 3)."""
+    bt, at = _transforms(tile, interior.dtype)
+    side = tile + 2
+    n, oh, ow, out_channels = interior.shape
+    channels = layer.in_channels
+    th, tw = -(-oh // tile), -(-ow // tile)
+    tiles = n * th * tw
+    # gather every (side x side) input tile, overlapping by 2: d[a, b] = pixel (a, b) of each tile
+    d = arena.get("gathered", (side, side, n, th, tw, channels))
+    windows = sliding_window_view(source, (side, side), axis=(1, 2))
+    windows = windows[:, : (th - 1) * tile + 1 : tile, : (tw - 1) * tile + 1 : tile]
+    workers.copyto(d, windows.transpose(4, 5, 0, 1, 2, 3), axis=0)
+    # input transform B^T d B as two small matrix products over all tiles and channels
+    e = arena.get("stage", (side, side, tiles * channels))
+    np.matmul(bt, d.reshape(side, side * tiles * channels), out=e.reshape(side, -1))
+    v = arena.get("gathered", (side, side, tiles * channels))  # d is no longer needed
+    np.matmul(bt, e, out=v)  # v[i, j] = sum_b bt[j, b] e[i, b]
+    m = arena.get("product", (side * side, tiles, out_channels))
+    np.matmul(v.reshape(side * side, tiles, channels), weights, out=m)
+    # column 1 of A^T is all ones, so a bias added to m[1, 1] reaches every output pixel
+    np.add(m[side + 1], layer.bias, out=m[side + 1], casting="unsafe")
+    # output transform A^T m A, the same way
+    z = arena.get("stage", (tile, side, tiles * out_channels))
+    np.matmul(at, m.reshape(side, side * tiles * out_channels), out=z.reshape(tile, -1))
+    y = arena.get("output", (tile, tile, tiles * out_channels))
+    np.matmul(at, z, out=y)  # y[i, j] = sum_b at[j, b] z[i, b]
+    # ReLU, scattering each tile position (i, j) to its pixels of the next padded buffer
+    y_grid = y.reshape(tile, tile, n, th, tw, out_channels)
+    pairs = [(i, j) for i in range(min(tile, oh)) for j in range(min(tile, ow))]
+    tasks = []
+    for a, b in workers.parts(len(pairs), interior.size):
+        tasks.append(partial(_scatter_relu, y_grid, interior, pairs[a:b], tile))
+    workers.run(tasks)
+
+
+def _scatter_relu(
+    y_grid: FloatArray, interior: FloatArray, pairs: list[tuple[int, int]], tile: int
+) -> None:
+    """``interior[:, i::tile, j::tile] = relu(y[i, j])`` for the tile positions ``pairs``."""
+    oh, ow = interior.shape[1:3]
+    for i, j in pairs:
+        part = y_grid[i, j, :, : len(range(i, oh, tile)), : len(range(j, ow, tile))]
+        np.maximum(part, 0, out=interior[:, i::tile, j::tile])

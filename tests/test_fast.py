@@ -1,0 +1,470 @@
+"""The fast deploy path (reparam.fast) against the reference conv2d + bias + ReLU stack.
+
+Every algorithm (im2col, Winograd F(2x2, 3x3) and F(4x4, 3x3)) must equal the
+reference, layer after layer, for strides 1 and 2, groups 1/2/4, batch sizes
+from 1, images from 1x1 up (odd, non-square, not a multiple of the Winograd
+tile), in float32 and float64, within the project tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+import tracemalloc
+from dataclasses import dataclass
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import random_array, seeds
+from tolerances import DTYPES, assert_close
+
+from reparam import ReparamError, conv2d, fast
+from reparam.fast import ALGORITHMS, DeployStack, choose_algorithm, winograd_matrices
+
+Layer = tuple[npt.NDArray[Any], npt.NDArray[Any], int, int]
+
+
+@dataclass(frozen=True)
+class StackCase:
+    """A valid stack: per layer (groups, stride, algorithm), the chained channels, an input."""
+
+    channels: tuple[int, ...]  # C_0 (input), C_1, ..., C_L
+    groups: tuple[int, ...]
+    strides: tuple[int, ...]
+    algorithms: tuple[str, ...] | None
+    batch: int
+    height: int
+    width: int
+    seed: int
+
+    def layers(self, dtype: npt.DTypeLike) -> list[Layer]:
+        rng = np.random.default_rng(self.seed)
+        result = []
+        for i, (groups, stride) in enumerate(zip(self.groups, self.strides, strict=True)):
+            fan_in = 9 * self.channels[i] // groups
+            shape = (self.channels[i + 1], self.channels[i] // groups, 3, 3)
+            kernel = random_array(rng, shape, dtype, scale=math.sqrt(2.0 / fan_in))
+            bias = random_array(rng, (self.channels[i + 1],), dtype, scale=0.3)
+            result.append((kernel, bias, stride, groups))
+        return result
+
+    def x(self, dtype: npt.DTypeLike) -> npt.NDArray[Any]:
+        rng = np.random.default_rng(self.seed + 1)
+        shape = (self.batch, self.channels[0], self.height, self.width)
+        return random_array(rng, shape, dtype)
+
+
+@st.composite
+def stack_cases(
+    draw: st.DrawFn,
+    *,
+    max_layers: int = 3,
+    strides: tuple[int, ...] = (1, 2),
+    group_choices: tuple[int, ...] = (1, 2, 4),
+    algorithms: tuple[str, ...] | None = None,
+) -> StackCase:
+    """Groups first, then channels that every adjacent group count divides, then sizes."""
+    depth = draw(st.integers(1, max_layers))
+    groups = tuple(draw(st.sampled_from(group_choices)) for _ in range(depth))
+    bounds = (1, *groups, 1)  # C_i must be divisible by the groups of both layers it touches
+    channels = tuple(
+        math.lcm(bounds[i], bounds[i + 1]) * draw(st.integers(1, 3)) for i in range(depth + 1)
+    )
+    layer_strides = tuple(draw(st.sampled_from(strides)) for _ in range(depth))
+    if algorithms is None:
+        names = draw(st.none() | st.tuples(*[st.sampled_from(ALGORITHMS)] * depth))
+    else:
+        names = tuple(draw(st.sampled_from(algorithms)) for _ in range(depth))
+    return StackCase(
+        channels=channels,
+        groups=groups,
+        strides=layer_strides,
+        algorithms=names,
+        batch=draw(st.integers(1, 3)),
+        height=draw(st.integers(1, 11)),
+        width=draw(st.integers(1, 11)),
+        seed=draw(seeds),
+    )
+
+
+def reference_stack(x: npt.NDArray[Any], layers: list[Layer]) -> tuple[npt.NDArray[Any], float]:
+    """The reference in float64, ``relu(conv2d(x) + b)`` per layer, and the scale of its terms.
+
+    The scale is the largest value of the same stack run on ``|x|`` with ``|W|`` and
+    ``|b|``: the largest absolute value of the terms summed, through every layer,
+    which is what a forward rounding error is proportional to (outputs that
+    cancel to nearly zero still carry the rounding error of their terms).
+    """
+    out = x.astype(np.float64)
+    terms = np.abs(out)
+    for kernel, bias, stride, groups in layers:
+        k64, b64 = kernel.astype(np.float64), bias.astype(np.float64)
+        conv = {"stride": stride, "padding": 1, "groups": groups}
+        out = np.maximum(conv2d(out, k64, b64, **conv), 0)
+        terms = conv2d(terms, np.abs(k64), np.abs(b64), **conv)
+    return out, float(np.max(terms))
+
+
+def check_against_reference(case: StackCase, dtype: npt.DTypeLike, what: str) -> None:
+    layers, x = case.layers(dtype), case.x(dtype)
+    expected, scale = reference_stack(x, layers)
+    stack = DeployStack(layers, algorithms=case.algorithms)
+    actual = stack(x)
+    assert actual.dtype == np.dtype(dtype), f"{what}: dtype {actual.dtype}, expected {dtype}"
+    assert_close(actual, expected, dtype=dtype, scale=scale, what=f"{what}: {case}")
+
+
+# ----------------------------------------------------------------- the transforms
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+@given(seed=seeds)
+def test_winograd_matrices_compute_a_correlation(tile: int, seed: int) -> None:
+    bt, g, at = winograd_matrices(tile)
+    rng = np.random.default_rng(seed)
+    d, k = rng.standard_normal(tile + 2), rng.standard_normal(3)
+    expected = np.array([d[i : i + 3] @ k for i in range(tile)])
+    assert_close(
+        at @ ((g @ k) * (bt @ d)),
+        expected,
+        dtype=np.float64,
+        scale=np.abs(d).max() * np.abs(k).sum(),
+        what=f"1-D F({tile}, 3)",
+    )
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_matrices_shapes(tile: int) -> None:
+    bt, g, at = winograd_matrices(tile)
+    side = tile + 2
+    assert (bt.shape, g.shape, at.shape) == ((side, side), (side, 3), (tile, side)), "shapes"
+    assert np.all(at[:, 1] == 1.0), "the bias trick needs column 1 of A^T to be all ones"
+
+
+def test_winograd_matrices_reject_other_tiles() -> None:
+    with pytest.raises(ReparamError, match="winograd_matrices: unsupported tile; got 3"):
+        winograd_matrices(3)
+
+
+# ----------------------------------------------------------------- equivalence
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=stack_cases())
+def test_stack_equals_reference(dtype: npt.DTypeLike, case: StackCase) -> None:
+    check_against_reference(case, dtype, "stack")
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=stack_cases(strides=(1,), group_choices=(1,), max_layers=2))
+def test_each_algorithm_equals_reference(
+    algorithm: str, dtype: npt.DTypeLike, case: StackCase
+) -> None:
+    forced = StackCase(**{**case.__dict__, "algorithms": (algorithm,) * len(case.groups)})
+    check_against_reference(forced, dtype, algorithm)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (5, 7), (9, 9), (8, 8), (13, 6)])
+def test_tiles_that_do_not_divide_the_image(
+    algorithm: str, dtype: npt.DTypeLike, size: tuple[int, int]
+) -> None:
+    case = StackCase(
+        channels=(3, 8, 8, 6),
+        groups=(1, 1, 1),
+        strides=(1, 1, 1),
+        algorithms=(algorithm,) * 3,
+        batch=2,
+        height=size[0],
+        width=size[1],
+        seed=7,
+    )
+    check_against_reference(case, dtype, f"{algorithm} at {size}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_grouped_and_strided_layers(dtype: npt.DTypeLike, groups: int, stride: int) -> None:
+    case = StackCase(
+        channels=(4, 8, 8),
+        groups=(groups, groups),
+        strides=(stride, 1),
+        algorithms=None,
+        batch=1,
+        height=9,
+        width=7,
+        seed=3,
+    )
+    check_against_reference(case, dtype, f"groups {groups}, stride {stride}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wide_layers_stay_inside_the_tolerance(dtype: npt.DTypeLike) -> None:
+    """F(4x4, 3x3)'s float32 error grows with the channels summed: 192 is A0's widest."""
+    case = StackCase(
+        channels=(192, 192, 192),
+        groups=(1, 1),
+        strides=(1, 1),
+        algorithms=("winograd4", "winograd4"),
+        batch=1,
+        height=14,
+        width=14,
+        seed=11,
+    )
+    check_against_reference(case, dtype, "192 channels, F(4x4, 3x3)")
+
+
+# ----------------------------------------------------------------- relations
+
+
+@given(
+    case=stack_cases(),
+    chunk_bytes=st.sampled_from([1, 4096, 2**20]),
+    layer_bytes=st.sampled_from([1, 4096, 2**20]),
+)
+def test_chunking_changes_nothing(case: StackCase, chunk_bytes: int, layer_bytes: int) -> None:
+    layers, x = case.layers(np.float64), case.x(np.float64)
+    whole = DeployStack(layers, algorithms=case.algorithms)(x)
+    chunked = DeployStack(
+        layers, algorithms=case.algorithms, max_chunk_bytes=chunk_bytes, layer_bytes=layer_bytes
+    )(x)
+    assert_close(chunked, whole, dtype=np.float64, what=f"chunks {chunk_bytes}, {layer_bytes}")
+
+
+@given(case=stack_cases())
+def test_images_are_independent(case: StackCase) -> None:
+    layers, x = case.layers(np.float64), case.x(np.float64)
+    stack = DeployStack(layers, algorithms=case.algorithms)
+    batch = stack(x)
+    for i in range(x.shape[0]):
+        assert_close(stack(x[i : i + 1])[0], batch[i], dtype=np.float64, what=f"image {i}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=stack_cases())
+def test_pool_is_the_mean_of_the_features(dtype: npt.DTypeLike, case: StackCase) -> None:
+    layers, x = case.layers(dtype), case.x(dtype)
+    stack = DeployStack(layers, algorithms=case.algorithms)
+    features = stack(x)
+    pooled = stack(x, pool=True)
+    assert pooled.shape == features.shape[:2], f"pooled shape {pooled.shape}"
+    assert_close(pooled, features.astype(np.float64).mean(axis=(2, 3)), dtype=dtype, what="pool")
+
+
+def test_repeated_calls_and_shapes_reuse_buffers_correctly() -> None:
+    case = StackCase((3, 8, 8), (1, 1), (2, 1), None, 2, 9, 9, seed=5)
+    layers = case.layers(np.float64)
+    stack = DeployStack(layers)
+    rng = np.random.default_rng(0)
+    for shape in [(2, 3, 9, 9), (1, 3, 6, 10), (2, 3, 9, 9), (3, 3, 9, 9)]:
+        x = rng.standard_normal(shape)
+        expected, scale = reference_stack(x, layers)
+        assert_close(
+            stack(x),
+            expected,
+            dtype=np.float64,
+            scale=scale,
+            what=f"input {shape} after other shapes",
+        )
+
+
+# ----------------------------------------------------------------- dtypes, inputs, memory
+
+
+def test_result_dtype_follows_conv2d() -> None:
+    case = StackCase((3, 4), (1,), (1,), None, 1, 5, 5, seed=1)
+    stack32 = DeployStack(case.layers(np.float32))
+    assert stack32(case.x(np.float16)).dtype == np.float32, "float16 input: float32 compute"
+    assert stack32(case.x(np.float32)).dtype == np.float32, "float32 stays float32"
+    result = stack32(case.x(np.float64))
+    assert result.dtype == np.float64, "float64 input promotes, like conv2d"
+    expected = np.maximum(conv2d(case.x(np.float64), *case.layers(np.float32)[0][:2], padding=1), 0)
+    assert_close(result, expected, dtype=np.float64, what="float64 input, float32 weights")
+
+
+def test_empty_batch() -> None:
+    case = StackCase((3, 4, 5), (1, 1), (2, 1), None, 1, 7, 6, seed=1)
+    stack = DeployStack(case.layers(np.float32))
+    assert stack(np.zeros((0, 3, 7, 6), np.float32)).shape == (0, 5, 4, 3), "empty NCHW"
+    assert stack(np.zeros((0, 3, 7, 6), np.float32), pool=True).shape == (0, 5), "empty pooled"
+
+
+def test_nothing_is_mutated_and_weights_are_copied() -> None:
+    case = StackCase((3, 8, 8), (1, 1), (1, 1), ("winograd4", "im2col"), 2, 9, 9, seed=2)
+    layers, x = case.layers(np.float64), case.x(np.float64)
+    x_before = x.copy()
+    stack = DeployStack(layers, algorithms=case.algorithms)
+    first = stack(x)
+    np.testing.assert_array_equal(x, x_before, err_msg="the input was modified")
+    layers[0][0][...] = 0.0  # the caller changes its kernel after building the stack
+    np.testing.assert_array_equal(stack(x), first, err_msg="the stack shares the caller's kernel")
+    second = stack(x)
+    second[...] = -1.0  # the result is a new array, not a view of a reused buffer
+    np.testing.assert_array_equal(stack(x), first, err_msg="results alias internal buffers")
+
+
+def test_accepts_deploy_block_objects() -> None:
+    @dataclass
+    class Block:
+        kernel: npt.NDArray[Any]
+        bias: npt.NDArray[Any]
+        stride: int
+        groups: int
+
+    case = StackCase((4, 8), (2,), (2,), None, 1, 6, 6, seed=4)
+    layers = case.layers(np.float64)
+    from_blocks = DeployStack([Block(*layer) for layer in layers])
+    np.testing.assert_array_equal(
+        from_blocks(case.x(np.float64)),
+        DeployStack(layers)(case.x(np.float64)),
+        err_msg="blocks and tuples must build the same stack",
+    )
+
+
+def test_extra_memory_does_not_grow_with_the_batch() -> None:
+    case = StackCase((3, 16, 16, 16), (1, 1, 1), (2, 1, 1), None, 1, 32, 32, seed=6)
+    stack = DeployStack(case.layers(np.float32), max_chunk_bytes=2**20)
+    rng = np.random.default_rng(0)
+    extra = {}
+    for batch in (4, 16):
+        x = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+        stack(x[:1])  # buffers exist already: measure one call's temporaries
+        tracemalloc.start()
+        result = stack(x)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        extra[batch] = peak - result.nbytes
+    assert extra[16] <= extra[4] * 1.1 + 65536, f"peak extra bytes grow with the batch: {extra}"
+
+
+def test_default_algorithms() -> None:
+    common: dict[str, int] = {"in_channels": 48, "out_channels": 48, "height": 56, "width": 56}
+    assert choose_algorithm(stride=1, groups=1, **common) == "winograd4", "stride 1"
+    assert choose_algorithm(stride=2, groups=1, **common) == "im2col", "stride 2"
+    assert choose_algorithm(stride=1, groups=2, **common) == "im2col", "grouped"
+    tiny = {**common, "height": 2, "width": 2}
+    assert choose_algorithm(stride=1, groups=1, **tiny) == "im2col", "tiny image"
+
+
+def test_requested_winograd_falls_back_where_it_does_not_apply() -> None:
+    case = StackCase((4, 8, 8), (2, 1), (1, 2), ("winograd4", "winograd2"), 1, 8, 8, seed=9)
+    stack = DeployStack(case.layers(np.float64), algorithms=case.algorithms)
+    assert stack.algorithms(8, 8) == ["im2col", "im2col"], "grouped / strided use im2col"
+
+
+def test_profile_times_every_layer() -> None:
+    case = StackCase((3, 8, 8), (1, 1), (2, 1), ("im2col", "winograd2"), 2, 8, 8, seed=9)
+    stack = DeployStack(case.layers(np.float32), algorithms=case.algorithms)
+    timings = stack.profile(case.x(np.float32))
+    assert [name for name, _ in timings] == ["im2col", "winograd2"], f"{timings}"
+    assert all(seconds >= 0.0 for _, seconds in timings), f"{timings}"
+
+
+# ----------------------------------------------------------------- errors
+
+
+def _layer(out_channels: int = 4, in_per_group: int = 3, stride: int = 1, groups: int = 1) -> Layer:
+    kernel = np.ones((out_channels, in_per_group, 3, 3))
+    return (kernel, np.zeros(out_channels), stride, groups)
+
+
+@pytest.mark.parametrize(
+    ("layers", "kwargs", "message"),
+    [
+        ([], {}, "layers is empty; got 0 layers"),
+        ([(np.ones((4, 3, 1, 1)), np.zeros(4), 1, 1)], {}, "layer 0 kernel must be 3x3"),
+        ([_layer(stride=3)], {}, "layer 0 stride must be 1 or 2; got 3"),
+        ([_layer(groups=3)], {}, "layer 0 groups=3 does not divide C_out=4"),
+        ([(np.ones((4, 3, 3, 3)), np.zeros(5), 1, 1)], {}, "layer 0 bias has the wrong length"),
+        ([_layer(), _layer(in_per_group=5)], {}, "layer 1 does not chain; got C_in = 5"),
+        ([_layer()], {"algorithms": ["fft"]}, "unknown algorithm for layer 0; got 'fft'"),
+        ([_layer()], {"algorithms": []}, "algorithms has the wrong length; got 0"),
+        (
+            [(np.ones((4, 3, 3, 3), int), np.zeros(4), 1, 1)],
+            {},
+            "layer 0 kernel must have a floating dtype",
+        ),
+        ([(np.ones((4, 3, 3, 3)),)], {}, "layer 0 must be a \\(kernel, bias, stride, groups\\)"),
+        ([_layer()], {"max_chunk_bytes": 0}, "max_chunk_bytes must be >= 1"),
+        ([_layer()], {"layer_bytes": 0}, "layer_bytes must be >= 1"),
+        ([_layer()], {"threads": 0}, "threads must be >= 1"),
+    ],
+)
+def test_malformed_layers(layers: list[Any], kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ReparamError, match=f"DeployStack: {message}"):
+        DeployStack(layers, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("x", "message"),
+    [
+        (np.ones((1, 4, 5, 5)), "x has the wrong number of channels; got x.shape\\[1\\]=4"),
+        (np.ones((3, 5, 5)), "x must be 4-D"),
+        (np.ones((1, 3, 0, 5)), "x has no pixels"),
+        (np.ones((1, 3, 5, 5), int), "x must have a floating dtype"),
+    ],
+)
+def test_malformed_inputs(x: npt.NDArray[Any], message: str) -> None:
+    with pytest.raises(ReparamError, match=f"DeployStack: {message}"):
+        DeployStack([_layer()])(x)
+
+
+# ----------------------------------------------------------------- the model
+
+
+def test_repvgg_deploy_model_through_the_stack() -> None:
+    repvgg = pytest.importorskip("reparam.repvgg")
+    model = repvgg.RepVGG.create("A0", num_classes=10, seed=0, dtype=np.float32)
+    deploy = model.reparameterize()
+    stack = DeployStack(block for _, block in deploy.blocks)
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 24)).astype(np.float32)
+    exact = deploy.astype(np.float64)  # the same float32 weights, computed in float64
+    features = stack(x, pool=True)
+    assert features.dtype == np.float32, f"dtype {features.dtype}"
+    expected = exact.features(x.astype(np.float64))
+    assert_close(features, expected, dtype=np.float32, what="A0 pooled features")
+    assert_close(
+        deploy.head(features),
+        exact(x.astype(np.float64)),
+        dtype=np.float32,
+        what="A0 logits from the stack's features",
+    )
+
+
+def test_tune_keeps_an_allowed_algorithm_per_layer_and_stays_correct() -> None:
+    case = StackCase((3, 8, 8, 8), (1, 2, 1), (2, 1, 1), None, 2, 12, 10, seed=12)
+    layers, x = case.layers(np.float32), case.x(np.float32)
+    stack = DeployStack(layers)
+    chosen = stack.tune(x, repeats=1)
+    assert len(chosen) == 3, f"one algorithm per layer: {chosen}"
+    assert chosen[:2] == ["im2col", "im2col"], f"strided and grouped layers: {chosen}"
+    assert chosen[2] in ALGORITHMS, f"{chosen}"
+    assert stack.algorithms(12, 10) == chosen, "the tuned choice is kept"
+    expected, scale = reference_stack(x, layers)
+    assert_close(stack(x), expected, dtype=np.float32, scale=scale, what=f"tuned {chosen}")
+
+
+def test_scratch_bytes_do_not_depend_on_the_batch_beyond_one_chunk() -> None:
+    case = StackCase((3, 8, 8), (1, 1), (2, 1), None, 1, 32, 32, seed=1)
+    stack = DeployStack(case.layers(np.float32), max_chunk_bytes=2**18)
+    one = stack.scratch_bytes(32, 32, batch=1)
+    many = [stack.scratch_bytes(32, 32, batch=b) for b in (8, 64, 1000)]
+    assert len(set(many)) == 1, f"scratch bytes grow with the batch: {many}"
+    assert many[0] <= max(2**18, one), f"scratch {many[0]} exceeds max_chunk_bytes and one image"
+
+
+@given(case=stack_cases(), threads=st.integers(2, 4))
+def test_threads_change_nothing(case: StackCase, threads: int) -> None:
+    layers, x = case.layers(np.float32), case.x(np.float32)
+    single = DeployStack(layers, algorithms=case.algorithms, threads=1)(x)
+    with mock.patch.object(fast, "_PARALLEL_ELEMENTS", 0):  # split even the tiniest copies
+        multi = DeployStack(layers, algorithms=case.algorithms, threads=threads)(x)
+    # the copies are exact; the bands of rows change only the matrix products' row counts
+    assert_close(multi, single, dtype=np.float32, what=f"{threads} threads")
