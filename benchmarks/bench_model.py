@@ -34,7 +34,13 @@ from _common import (
 
 from reparam.fast import DeployStack
 
-FORMS = ("NumPy train", "NumPy deploy (conv2d)", "NumPy fast path", "PyTorch deploy")
+FORMS = (
+    "NumPy train",
+    "NumPy deploy (conv2d)",
+    "NumPy fast path",
+    "PyTorch deploy",
+    "NumPy fast path, tuned",
+)
 
 
 def build(args):
@@ -85,6 +91,7 @@ def main() -> None:
     results: dict[tuple[str, int], list[float] | None] = {}
     layouts: dict[int, str] = {}
     errors: dict[int, float] = {}
+    tuned: dict[int, list[str]] = {}
     with limit_blas(args.threads):
         for batch in batches:
             x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
@@ -96,6 +103,11 @@ def main() -> None:
                 measure(lambda x=x: deploy(x), reference_repeats) if deploy is not None else None
             )
             results[(FORMS[2], batch)] = measure(lambda x=x: fast(x), args.repeats)
+            tuned_stack = DeployStack(layers)
+            tuned[batch] = tuned_stack.tune(x)
+            results[(FORMS[4], batch)] = measure(
+                lambda x=x, s=tuned_stack: s(x, pool=True) @ weight.T + bias, args.repeats
+            )
             if torch is not None:
                 model = torch_deploy_model(torch, layers, head)
                 times, layouts[batch] = torch_best_time(torch, model, x, args.repeats, module=model)
@@ -154,6 +166,8 @@ def main() -> None:
             if batch in errors
             else f"- batch {batch}: PyTorch n/a"
         )
+    for batch in batches:
+        lines.append(f"- tuned algorithms, batch {batch}: {', '.join(tuned[batch])}")
     profile = stack.profile(rng.standard_normal((batches[-1], 3, size, size)).astype(np.float32))
     by_algo: dict[str, float] = {}
     for name, seconds in profile:

@@ -6,6 +6,7 @@ Commands::
     reparam verify WEIGHTS [--arch NAME] [--batch N] [--size S] [--seed K]
     reparam run WEIGHTS --input X.npy --output Y.npy [--arch NAME]
     reparam info WEIGHTS
+    reparam export WEIGHTS MODEL.onnx [--arch NAME] [--opset N] [--layout official|timm]
     reparam demo [--checkpoint PATH] [--data PATH]
 
 Exit codes: 0 success, 1 ``verify`` found the forms disagree, 2 any error
@@ -27,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import ReparamError
+from .export import DEFAULT_OPSET, export_onnx
 from .io import CHECKPOINT_SUFFIXES, load, save, save_array
 from .repvgg import RepVGG, TrainBlock
 
@@ -160,6 +162,21 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    _check_output(args.onnx, (".onnx",))
+    model = _load(args.weights, args)
+    _progress(f"building the ONNX graph ({len(model.blocks)} blocks) ...")
+    export_onnx(model, args.onnx, opset=args.opset)
+    converted = " (converted from the train form)" if model.form == "train" else ""
+    _out(f"architecture: {model.arch or 'custom'} ({model.layout} layout)")
+    _out(
+        f"exported the deploy form{converted}: {len(model.blocks)} Conv+Relu, "
+        f"GlobalAveragePool, Flatten, Gemm; opset {args.opset}, float32, dynamic batch and size"
+    )
+    _out(f"wrote {args.onnx}")
+    return 0
+
+
 def _median_seconds(function: Callable[[], Any], repeats: int = 5) -> float:
     times = []
     for _ in range(repeats):
@@ -252,6 +269,16 @@ def _parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="describe a checkpoint")
     info.add_argument("weights", help="checkpoint, train or deploy form")
     info.set_defaults(handler=_info)
+
+    export = commands.add_parser("export", help="write the deploy form as an ONNX model")
+    export.add_argument("weights", help="checkpoint, train or deploy form")
+    export.add_argument("onnx", help="output .onnx file")
+    export.add_argument(
+        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})"
+    )
+    export.add_argument("--layout", choices=("official", "timm"), help="force the key layout")
+    arch(export)
+    export.set_defaults(handler=_export)
 
     demo = commands.add_parser("demo", help="convert the bundled digits model and compare forms")
     demo.add_argument("--checkpoint", help="train-form checkpoint (default: the bundled one)")

@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -338,8 +338,10 @@ class _Plan:
     algorithms: list[str]
     steps: list[int]  # images per call of each layer
     nchw_input: bool  # the first layer reads an NCHW padded buffer (few input channels)
-    padded: list[FloatArray]  # zero-bordered NHWC input buffer of every layer, then output
+    buffers: list[FloatArray]  # NHWC input buffer of every layer, then the output buffer
+    origins: list[int]  # where the image starts in each buffer (1: zero border, 0: none)
     arenas: list[_Arena]  # scratch of each worker thread
+    tasks: dict[tuple[int, int, int], list[Callable[[], None]]] = field(default_factory=dict)
 
 
 class DeployStack:
@@ -695,12 +697,26 @@ class DeployStack:
             sizes.append((_output_size(h, layer.stride), _output_size(w, layer.stride)))
         return sizes, self.algorithms(height, width)
 
-    def _padded_shape(self, index: int, size: tuple[int, int], algorithm: str) -> tuple[int, int]:
-        h, w = size
-        if algorithm == "im2col":
-            return h + 2, w + 2
-        tile = 2 if algorithm == "winograd2" else 4
-        return -(-h // tile) * tile + 2, -(-w // tile) * tile + 2
+    def _buffer_shape(
+        self, index: int, sizes: list[tuple[int, int]], algorithms: list[str]
+    ) -> tuple[int, int, int]:
+        """``(rows, columns, origin)`` of buffer ``index``: the input of that layer, or the output.
+
+        An input buffer has a zero border (``origin`` 1) and, for a Winograd
+        reader, room for whole tiles; a buffer written by a Winograd layer also
+        has room for the whole tiles it writes (re-zeroed beyond the image).
+        """
+        h, w = sizes[index]
+        origin = 1 if index < len(self._layers) else 0
+        rows, cols = h + 2 * origin, w + 2 * origin
+        if index < len(self._layers) and algorithms[index] != "im2col":
+            tile = _tile(algorithms[index])
+            rows, cols = max(rows, -(-h // tile) * tile + 2), max(cols, -(-w // tile) * tile + 2)
+        if index > 0 and algorithms[index - 1] != "im2col":
+            tile = _tile(algorithms[index - 1])
+            rows = max(rows, origin + -(-h // tile) * tile)
+            cols = max(cols, origin + -(-w // tile) * tile)
+        return rows, cols, origin
 
     def _steps(
         self, sizes: list[tuple[int, int]], algorithms: list[str], chunk: int, itemsize: int
@@ -746,83 +762,91 @@ class DeployStack:
         sizes, algorithms = self._geometry(height, width)
         steps = self._steps(sizes, algorithms, chunk, dtype.itemsize)
         total = 0
-        for i, layer in enumerate(self._layers):
-            hp, wp = self._padded_shape(i, sizes[i], algorithms[i])
-            total += chunk * hp * wp * layer.in_channels
-        h, w = sizes[-1]
-        total += chunk * h * w * self._layers[-1].out_channels
+        for i in range(len(self._layers) + 1):
+            rows, cols, _ = self._buffer_shape(i, sizes, algorithms)
+            total += chunk * rows * cols * self._channels(i)
         scratch = sum(sum(arena.values()) for arena in self._scratch(sizes, algorithms, steps))
         return (total + scratch) * dtype.itemsize
+
+    def _channels(self, index: int) -> int:
+        """Channels of buffer ``index`` (the input of that layer, or the output)."""
+        if index < len(self._layers):
+            return self._layers[index].in_channels
+        return self._layers[-1].out_channels
 
     def _make_plan(self, height: int, width: int, dtype: np.dtype[Any], chunk: int) -> _Plan:
         sizes, algorithms = self._geometry(height, width)
         steps = self._steps(sizes, algorithms, chunk, dtype.itemsize)
-        padded = []
-        for i, layer in enumerate(self._layers):
-            hp, wp = self._padded_shape(i, sizes[i], algorithms[i])
-            padded.append(np.zeros((chunk, hp, wp, layer.in_channels), dtype=dtype))
-        h, w = sizes[-1]
-        padded.append(np.zeros((chunk, h, w, self._layers[-1].out_channels), dtype=dtype))
+        buffers, origins = [], []
+        for i in range(len(self._layers) + 1):
+            rows, cols, origin = self._buffer_shape(i, sizes, algorithms)
+            buffers.append(np.zeros((chunk, rows, cols, self._channels(i)), dtype=dtype))
+            origins.append(origin)
         nchw_input = _reads_nchw(self._layers[0], algorithms[0])
         if nchw_input:
-            padded[0] = padded[0].transpose(0, 3, 1, 2).copy()  # (chunk, C, H + 2, W + 2)
+            buffers[0] = buffers[0].transpose(0, 3, 1, 2).copy()  # (chunk, C, rows, cols)
         arenas = []
         for needs in self._scratch(sizes, algorithms, steps):  # the largest scratch, once
             arena = _Arena(dtype)
             for name, size in needs.items():
                 arena.get(name, (size,))
             arenas.append(arena)
-        return _Plan(chunk, dtype, sizes, algorithms, steps, nchw_input, padded, arenas)
+        return _Plan(chunk, dtype, sizes, algorithms, steps, nchw_input, buffers, origins, arenas)
+
+    def _tasks(self, plan: _Plan, index: int, start: int, stop: int) -> list[Callable[[], None]]:
+        """Return the prepared calls computing layer ``index`` for images ``start:stop``.
+
+        Every view (strided windows, scratch, output regions) is made once per
+        plan and kept, so a forward pass is only NumPy calls on ready views.
+        """
+        key = (index, start, stop)
+        tasks = plan.tasks.get(key)
+        if tasks is not None:
+            return tasks
+        layer, algorithm = self._layers[index], plan.algorithms[index]
+        source = plan.buffers[index][start:stop]
+        target = plan.buffers[index + 1][start:stop]
+        origin = plan.origins[index + 1]
+        oh, ow = plan.sizes[index + 1]
+        interior = target[:, origin : origin + oh, origin : origin + ow]
+        if index == 0 and plan.nchw_input:
+            weights = self._layer_weights(0, "im2col_nchw", plan.dtype)
+            tasks = [_im2col_nchw_task(source, weights, layer, interior, plan.arenas[0])]
+        elif algorithm == "im2col":  # large products: BLAS threads them
+            weights = self._layer_weights(index, "im2col", plan.dtype)
+            tasks = [_im2col_task(source, weights, layer, interior, plan.arenas[0], self._workers)]
+        else:  # Winograd's products are small: the workers take a band of rows each
+            tile = _tile(algorithm)
+            weights = self._layer_weights(index, algorithm, plan.dtype)
+            bias = layer.bias.astype(plan.dtype)
+            tasks = [
+                _winograd_task(
+                    source, weights, bias, target, origin, (top, bottom), ow, plan.arenas[k], tile
+                )
+                for k, (top, bottom) in enumerate(self._bands(oh, tile))
+            ]
+        plan.tasks[key] = tasks
+        return tasks
 
     def _run_chunk(
         self, plan: _Plan, x: FloatArray, seconds: list[float] | None = None
     ) -> FloatArray:
         n = x.shape[0]
         h, w = plan.sizes[0]
-        first = plan.padded[0][:n]
+        first = plan.buffers[0][:n]
         if plan.nchw_input:
             self._workers.copyto(first[:, :, 1 : h + 1, 1 : w + 1], x, axis=1)
         else:
             self._workers.copyto(first[:, 1 : h + 1, 1 : w + 1], x.transpose(0, 2, 3, 1), axis=1)
-        for i, layer in enumerate(self._layers):
-            oh, ow = plan.sizes[i + 1]
-            target = plan.padded[i + 1]
-            interior = target if i + 1 == len(self._layers) else target[:, 1 : oh + 1, 1 : ow + 1]
-            weights = self._layer_weights(i, plan.algorithms[i], plan.dtype)
+        for i in range(len(self._layers)):
             started = time.perf_counter()
             step = plan.steps[i]
             for start in range(0, n, step):  # large layers a few images at a time
-                stop = min(n, start + step)
-                source = plan.padded[i][start:stop]
-                part = interior[start:stop]
-                if i == 0 and plan.nchw_input:
-                    nchw_weights = self._layer_weights(0, "im2col_nchw", plan.dtype)
-                    _im2col_nchw_layer(source, nchw_weights, layer, part, plan.arenas[0])
-                    continue
-                if plan.algorithms[i] == "im2col":  # large products: BLAS threads them
-                    _im2col_layer(source, weights, layer, part, plan.arenas[0], self._workers)
-                    continue
-                # Winograd's products are small: the workers take a band of rows each
-                tile = 2 if plan.algorithms[i] == "winograd2" else 4
-                tasks = []
-                for k, (top, bottom) in enumerate(self._bands(oh, tile)):
-                    rows = -(-(bottom - top) // tile) * tile + 2
-                    tasks.append(
-                        partial(
-                            _winograd_layer,
-                            source[:, top : top + rows],
-                            weights,
-                            layer,
-                            part[:, top:bottom],
-                            plan.arenas[k],
-                            _SERIAL,
-                            tile,
-                        )
-                    )
-                self._workers.run(tasks)
+                self._workers.run(self._tasks(plan, i, start, min(n, start + step)))
             if seconds is not None:
                 seconds[i] += time.perf_counter() - started
-        return plan.padded[-1][:n]
+        out_h, out_w = plan.sizes[-1]
+        return plan.buffers[-1][:n, :out_h, :out_w]
 
 
 def _default_threads() -> int:
@@ -896,14 +920,19 @@ def _scratch_sizes(
     }
 
 
-def _im2col_layer(
+def _tile(algorithm: str) -> int:
+    """Output tile side of a Winograd algorithm."""
+    return 2 if algorithm == "winograd2" else 4
+
+
+def _im2col_task(
     source: FloatArray,
     weights: FloatArray,
     layer: _Layer,
     interior: FloatArray,
     arena: _Arena,
     workers: _Workers,
-) -> None:
+) -> Callable[[], None]:
     """``interior = relu(conv(source) + bias)`` by one gather copy and one (batched) GEMM."""
     n, oh, ow, out_channels = interior.shape
     groups, stride = layer.groups, layer.stride
@@ -921,19 +950,27 @@ def _im2col_layer(
             : (oh - 1) * stride + 1 : stride,
             : (ow - 1) * stride * per_group + 1 : stride * per_group,
         ]
-        workers.copyto(columns[0, :, :taps].reshape(n, oh, ow, 3, 3 * per_group), windows, axis=1)
+        gathered = columns[0, :, :taps].reshape(n, oh, ow, 3, 3 * per_group)
+        axis = 1
     else:
         # (n, Hp-2, Wp-2, C, 3, 3) -> strided, cropped -> (g, n, oh, ow, 3, 3, Cg)
         windows = sliding_window_view(source, (3, 3), axis=(1, 2))
         windows = windows[:, : (oh - 1) * stride + 1 : stride, : (ow - 1) * stride + 1 : stride]
-        windows = windows.reshape(n, oh, ow, groups, per_group, 3, 3)
+        windows = windows.reshape(n, oh, ow, groups, per_group, 3, 3).transpose(3, 0, 1, 2, 5, 6, 4)
         gathered = columns[:, :, :taps].reshape(groups, n, oh, ow, 3, 3, per_group)
-        workers.copyto(gathered, windows.transpose(3, 0, 1, 2, 5, 6, 4), axis=2)
-    columns[:, :, taps] = 1.0  # multiplies the bias row of the weights
+        axis = 2
+    ones = columns[:, :, taps]  # multiplies the bias row of the weights
     product = arena.get("product", (groups, rows, out_per_group))
-    np.matmul(columns, weights, out=product)
     grouped = product.reshape(groups, n, oh, ow, out_per_group).transpose(1, 2, 3, 0, 4)
-    workers.relu(interior.reshape(n, oh, ow, groups, out_per_group), grouped, axis=1)
+    out = interior.reshape(n, oh, ow, groups, out_per_group)
+
+    def run() -> None:
+        workers.copyto(gathered, windows, axis=axis)
+        ones.fill(1.0)
+        np.matmul(columns, weights, out=product)
+        workers.relu(out, grouped, axis=1)
+
+    return run
 
 
 def _reads_nchw(layer: _Layer, algorithm: str) -> bool:
@@ -946,9 +983,9 @@ def _reads_nchw(layer: _Layer, algorithm: str) -> bool:
     return algorithm == "im2col" and layer.groups == 1 and layer.in_channels <= _NCHW_CHANNELS
 
 
-def _im2col_nchw_layer(
+def _im2col_nchw_task(
     source: FloatArray, weights: FloatArray, layer: _Layer, interior: FloatArray, arena: _Arena
-) -> None:
+) -> Callable[[], None]:
     """Compute the first layer from an NCHW padded buffer, gathering one input plane at a time."""
     n, oh, ow, out_channels = interior.shape
     stride, channels = layer.stride, layer.in_channels
@@ -958,63 +995,77 @@ def _im2col_nchw_layer(
     columns = arena.get("columns", (taps + 1, rows))
     windows = sliding_window_view(source, (3, 3), axis=(2, 3))  # (n, C, Hp-2, Wp-2, 3, 3)
     windows = windows[:, :, : (oh - 1) * stride + 1 : stride, : (ow - 1) * stride + 1 : stride]
+    windows = windows.transpose(1, 4, 5, 0, 2, 3)
     planes = columns[:taps].reshape(channels, 3, 3, n, oh, ow)
-    np.copyto(planes, windows.transpose(1, 4, 5, 0, 2, 3))
-    columns[taps] = 1.0  # multiplies the bias row of the weights
+    ones = columns[taps]  # multiplies the bias row of the weights
     product = arena.get("product", (rows, out_channels))
-    np.matmul(columns.T, weights, out=product)
-    np.maximum(product.reshape(n, oh, ow, out_channels), 0, out=interior)
+    pixels = product.reshape(n, oh, ow, out_channels)
+
+    def run() -> None:
+        np.copyto(planes, windows)
+        ones.fill(1.0)
+        np.matmul(columns.T, weights, out=product)
+        np.maximum(pixels, 0, out=interior)
+
+    return run
 
 
-def _winograd_layer(
+def _winograd_task(
     source: FloatArray,
     weights: FloatArray,
-    layer: _Layer,
-    interior: FloatArray,
+    bias: FloatArray,
+    target: FloatArray,
+    origin: int,
+    rows: tuple[int, int],
+    width: int,
     arena: _Arena,
-    workers: _Workers,
     tile: int,
-) -> None:
-    """``interior = relu(conv(source) + bias)`` by Winograd F(tile x tile, 3 x 3)."""
-    bt, at = _transforms(tile, interior.dtype)
+) -> Callable[[], None]:
+    """Output rows ``rows`` of ``relu(conv(source) + bias)`` by Winograd F(tile x tile, 3 x 3).
+
+    Whole tiles are written into ``target`` (from ``origin``); what falls
+    beyond the image is zeroed again, so a zero border stays zero.
+    """
+    bt, at = _transforms(tile, target.dtype)
     side = tile + 2
-    n, oh, ow, out_channels = interior.shape
-    channels = layer.in_channels
-    th, tw = -(-oh // tile), -(-ow // tile)
+    top, bottom = rows
+    n, channels = source.shape[0], source.shape[3]
+    out_channels = target.shape[3]
+    th, tw = -(-(bottom - top) // tile), -(-width // tile)
     tiles = n * th * tw
-    # gather every (side x side) input tile, overlapping by 2: d[a, b] = pixel (a, b) of each tile
-    d = arena.get("gathered", (side, side, n, th, tw, channels))
-    windows = sliding_window_view(source, (side, side), axis=(1, 2))
+    # every (side x side) input tile, overlapping by 2: d[a, b] = pixel (a, b) of each tile
+    band = source[:, top : top + th * tile + 2]
+    windows = sliding_window_view(band, (side, side), axis=(1, 2))
     windows = windows[:, : (th - 1) * tile + 1 : tile, : (tw - 1) * tile + 1 : tile]
-    workers.copyto(d, windows.transpose(4, 5, 0, 1, 2, 3), axis=0)
-    # input transform B^T d B as two small matrix products over all tiles and channels
+    windows = windows.transpose(4, 5, 0, 1, 2, 3)
+    d = arena.get("gathered", (side, side, n, th, tw, channels))
     e = arena.get("stage", (side, side, tiles * channels))
-    np.matmul(bt, d.reshape(side, side * tiles * channels), out=e.reshape(side, -1))
-    v = arena.get("gathered", (side, side, tiles * channels))  # d is no longer needed
-    np.matmul(bt, e, out=v)  # v[i, j] = sum_b bt[j, b] e[i, b]
+    v = arena.get("gathered", (side, side, tiles * channels))  # d is no longer needed then
     m = arena.get("product", (side * side, tiles, out_channels))
-    np.matmul(v.reshape(side * side, tiles, channels), weights, out=m)
-    # column 1 of A^T is all ones, so a bias added to m[1, 1] reaches every output pixel
-    np.add(m[side + 1], layer.bias, out=m[side + 1], casting="unsafe")
-    # output transform A^T m A, the same way
     z = arena.get("stage", (tile, side, tiles * out_channels))
-    np.matmul(at, m.reshape(side, side * tiles * out_channels), out=z.reshape(tile, -1))
-    y = arena.get("output", (tile, tile, tiles * out_channels))
-    np.matmul(at, z, out=y)  # y[i, j] = sum_b at[j, b] z[i, b]
-    # ReLU, scattering each tile position (i, j) to its pixels of the next padded buffer
-    y_grid = y.reshape(tile, tile, n, th, tw, out_channels)
-    pairs = [(i, j) for i in range(min(tile, oh)) for j in range(min(tile, ow))]
-    tasks = []
-    for a, b in workers.parts(len(pairs), interior.size):
-        tasks.append(partial(_scatter_relu, y_grid, interior, pairs[a:b], tile))
-    workers.run(tasks)
+    y = arena.get("output", (tile, tile, n, th, tw, out_channels))
+    # the output region, whole tiles, seen as (i, j, n, tile row, tile column, channel)
+    region = target[:, origin + top : origin + top + th * tile, origin : origin + tw * tile]
+    out = region.reshape(n, th, tile, tw, tile, out_channels).transpose(2, 4, 0, 1, 3, 5)
+    beyond = []  # parts of whole tiles outside the image
+    if top + th * tile > bottom:
+        beyond.append(target[:, origin + bottom : origin + top + th * tile, origin:])
+    if tw * tile > width:
+        beyond.append(target[:, origin + top : origin + top + th * tile, origin + width :])
 
+    def run() -> None:
+        np.copyto(d, windows)
+        # input transform B^T d B as two small matrix products over all tiles and channels
+        np.matmul(bt, d.reshape(side, -1), out=e.reshape(side, -1))
+        np.matmul(bt, e, out=v)  # v[i, j] = sum_b bt[j, b] e[i, b]
+        np.matmul(v.reshape(side * side, tiles, channels), weights, out=m)
+        # column 1 of A^T is all ones, so a bias added to m[1, 1] reaches every output pixel
+        np.add(m[side + 1], bias, out=m[side + 1])
+        # output transform A^T m A, the same way, then ReLU into the target
+        np.matmul(at, m.reshape(side, -1), out=z.reshape(tile, -1))
+        np.matmul(at, z, out=y.reshape(tile, tile, -1))  # y[i, j] = sum_b at[j, b] z[i, b]
+        np.maximum(y, 0, out=out)
+        for part in beyond:
+            part.fill(0.0)
 
-def _scatter_relu(
-    y_grid: FloatArray, interior: FloatArray, pairs: list[tuple[int, int]], tile: int
-) -> None:
-    """``interior[:, i::tile, j::tile] = relu(y[i, j])`` for the tile positions ``pairs``."""
-    oh, ow = interior.shape[1:3]
-    for i, j in pairs:
-        part = y_grid[i, j, :, : len(range(i, oh, tile)), : len(range(j, ow, tile))]
-        np.maximum(part, 0, out=interior[:, i::tile, j::tile])
+    return run

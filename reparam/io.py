@@ -785,6 +785,13 @@ def write_tensors(path: str | os.PathLike[str], tensors: Mapping[str, npt.ArrayL
 def save_array(path: str | os.PathLike[str], array: npt.ArrayLike) -> None:
     """Write one array to a ``.npy`` file atomically.
 
+    Parameters
+    ----------
+    path : str or path-like
+        Destination ending in ``.npy``.
+    array : array_like
+        Any shape, e.g. logits of shape (N, num_classes); saved without pickle.
+
     Raises
     ------
     ReparamError

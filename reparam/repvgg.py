@@ -295,6 +295,17 @@ def spec_multiply_adds(
 def match_architecture(specs: NamedSpecs) -> str | None:
     """Return the published architecture with exactly these blocks, or None.
 
+    Parameters
+    ----------
+    specs : tuple of (str, BlockSpec)
+        Named blocks, e.g. inferred from a checkpoint. The head is not part
+        of the match, so any number of classes fits.
+
+    Returns
+    -------
+    str or None
+        A key of :data:`ARCHITECTURES`.
+
     Examples
     --------
     >>> match_architecture(block_specs("B1g2"))

@@ -252,3 +252,25 @@ def test_usage_errors_exit_2() -> None:
     result = _cli("verify")
     assert result.returncode == 2 and "usage" in result.stderr, result.stderr
     assert main(["convert"]) == 2, "main() must return argparse's exit code"
+
+
+def test_deploy_checkpoints_cannot_be_converted_or_verified(
+    digits: dict[str, Path], tmp_path: Path
+) -> None:
+    deploy = tmp_path / "deploy.npz"
+    reparam.load(digits["npz"]).reparameterize().save(deploy)
+    result = _cli("convert", deploy, tmp_path / "again.npz")
+    assert result.returncode == 2 and "already in deploy form" in result.stderr, result.stderr
+    result = _cli("verify", deploy)
+    assert result.returncode == 2 and "expected the train-form" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deploy.npz"], "something was written"
+
+
+def test_run_with_the_wrong_input_exits_2(digits: dict[str, Path], tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((2, 3, 16, 16), np.float32))
+    result = _cli(
+        "run", digits["npz"], "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy"
+    )
+    assert result.returncode == 2, result.stderr
+    assert "x has 3 channels" in result.stderr and "(N, 1, H, W)" in result.stderr, result.stderr
+    assert not (tmp_path / "y.npy").exists(), "logits written despite the error"

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from tolerances import assert_close
 
 import reparam
@@ -345,3 +347,35 @@ def test_block_names_must_have_keys() -> None:
     model = RepVGG.from_specs([("first", BlockSpec(3, 4, 2, 1))], num_classes=2)
     with pytest.raises(ReparamError, match="block name 'first' has no key in the timm layout"):
         to_state_dict(model, layout="timm")
+
+
+@st.composite
+def _named_specs(draw: st.DrawFn) -> tuple[tuple[str, BlockSpec], ...]:
+    """Any block sequence that follows the stride rule: stem, then stages of 1-3 blocks."""
+    channels = draw(st.integers(1, 4))
+    specs = [("stage0", BlockSpec(channels, draw(st.integers(1, 6)), 2, 1))]
+    channels = specs[0][1].out_channels
+    for stage in range(1, draw(st.integers(1, 4)) + 1):
+        for index in range(draw(st.integers(1, 3))):
+            groups = draw(st.sampled_from([g for g in (1, 2, 3) if channels % g == 0]))
+            widths = st.integers(1, 3).map(lambda k, g=groups: g * k)
+            if index:  # later blocks often keep the width (and get an identity branch)
+                widths = st.one_of(st.just(channels), widths)
+            width = draw(widths)
+            specs.append(
+                (f"stage{stage}.{index}", BlockSpec(channels, width, 1 + (index == 0), groups))
+            )
+            channels = width
+    return tuple(specs)
+
+
+@given(specs=_named_specs(), layout=st.sampled_from(["official", "timm"]), deploy=st.booleans())
+def test_structure_is_inferred_from_the_tensors(
+    specs: tuple[tuple[str, BlockSpec], ...], layout: str, deploy: bool
+) -> None:
+    model = RepVGG.from_specs(specs, num_classes=3, dtype=np.float64)
+    if deploy:
+        model = model.reparameterize()
+    loaded = from_state_dict(to_state_dict(model, layout=layout))  # type: ignore[arg-type]
+    assert loaded.specs == specs, f"inferred {loaded.specs}, built {specs}"
+    assert loaded.form == model.form and loaded.layout == layout, f"got {loaded}"

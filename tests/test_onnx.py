@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +102,57 @@ def test_failed_write_leaves_no_file(a0: RepVGG, tmp_path: Path) -> None:
 def test_not_a_model() -> None:
     with pytest.raises(ReparamError, match=r"to_onnx: model must be a reparam.RepVGG"):
         to_onnx(reparam.BatchNorm([1.0], [0.0], [0.0], [1.0]))  # type: ignore[arg-type]
+
+
+def test_cli_export_of_the_digits_model_classifies_like_numpy(tmp_path: Path) -> None:
+    data = Path(reparam.__file__).parent / "data"
+    target = tmp_path / "digits.onnx"
+    result = subprocess.run(
+        [sys.executable, "-m", "reparam", "export", str(data / "digits_repvgg.npz"), str(target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, f"export failed: {result.stderr}"
+    assert "converted from the train form" in result.stdout, result.stdout
+    with np.load(data / "digits_test.npz") as test_set:
+        images, labels = test_set["images"], test_set["labels"]
+    logits = _run(onnx.load(str(target)), images)
+    numpy_logits = reparam.load(data / "digits_repvgg.npz")(images)
+    assert_close(logits, numpy_logits, dtype=np.float32, what="digits ONNX vs NumPy train form")
+    agree = float(np.mean(logits.argmax(1) == numpy_logits.argmax(1)))
+    accuracy = float(np.mean(logits.argmax(1) == labels))
+    assert agree == 1.0, f"top-1 agreement {agree:.4f}"
+    assert accuracy > 0.97, f"ONNX digits accuracy {accuracy:.4f}"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--opset", "5"], "opset out of range; got 5"),
+        ([], "expected one of .onnx"),
+    ],
+)
+def test_cli_export_errors_exit_2_and_write_nothing(
+    tmp_path: Path, arguments: list[str], message: str
+) -> None:
+    data = Path(reparam.__file__).parent / "data"
+    name = "model.onnx" if arguments else "model.onx"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reparam",
+            "export",
+            str(data / "digits_repvgg.npz"),
+            str(tmp_path / name),
+            *arguments,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, f"expected exit 2; got {result.returncode}: {result.stderr}"
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, "errors are one line, no traceback"
+    assert list(tmp_path.iterdir()) == [], "a failed export writes nothing"

@@ -57,7 +57,7 @@ def test_arrays_are_read_only_copies() -> None:
     assert bn.gamma[0] == 1.0, "changing the caller's array later does not reach the BatchNorm"
     for original, copy in zip(arrays[1:], before[1:], strict=True):
         np.testing.assert_array_equal(original, copy, err_msg="BatchNorm mutated an input")
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match="cannot assign to field 'eps'"):
         bn.eps = 1.0  # type: ignore[misc]
 
 

@@ -251,9 +251,11 @@ def test_create_is_seeded() -> None:
 
 def test_create_gives_non_trivial_batch_norms() -> None:
     block = RepVGG.create("A0", seed=0).blocks[5][1]
-    assert isinstance(block, TrainBlock) and block.identity_bn is not None, "stage1.? identity"
+    assert isinstance(block, TrainBlock) and block.identity_bn is not None, (
+        "stage2.2 has an identity"
+    )
     for bn in (block.dense_bn, block.pointwise_bn, block.identity_bn):
-        assert bn is not None
+        assert bn is not None, "every branch of this block has a BatchNorm"
         assert np.std(bn.gamma) > 0.1 and np.all(bn.var >= 1.0), f"BN stats too trivial: {bn}"
         assert np.std(bn.mean) > 0.05 and np.std(bn.beta) > 0.05, f"BN mean/beta trivial: {bn}"
 
