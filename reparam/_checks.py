@@ -71,3 +71,13 @@ def groups_divide(groups: int, channels: int, *, func: str, what: str) -> None:
             f"{func}: groups={groups} does not divide {what}={channels}; "
             f"expected a divisor of {channels}"
         )
+
+
+def bias_vector(value: Any, *, length: int, func: str, name: str, what: str) -> FloatArray:
+    """Return ``value`` as a 1-D floating array of ``length`` entries (one per ``what``)."""
+    array = as_float_array(value, func=func, name=name, ndim=1)
+    if array.shape[0] != length:
+        raise ReparamError(
+            f"{func}: {name} has the wrong length; got {array.shape[0]}, expected {length} ({what})"
+        )
+    return array

@@ -8,7 +8,14 @@ import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._checks import FloatArray, as_float_array, groups_divide, int_pair, positive_int
+from ._checks import (
+    FloatArray,
+    as_float_array,
+    bias_vector,
+    groups_divide,
+    int_pair,
+    positive_int,
+)
 from .errors import ReparamError
 
 __all__ = ["conv2d", "conv_output_size"]
@@ -107,12 +114,9 @@ def conv2d(
         )
     arrays: list[Any] = [inputs, weights]
     if bias is not None:
-        bias_array = as_float_array(bias, func=func, name="bias", ndim=1)
-        if bias_array.shape[0] != out_channels:
-            raise ReparamError(
-                f"{func}: bias has the wrong length; got {bias_array.shape[0]}, expected "
-                f"{out_channels} (kernel.shape[0])"
-            )
+        bias_array = bias_vector(
+            bias, length=out_channels, func=func, name="bias", what="kernel.shape[0]"
+        )
         arrays.append(bias_array)
     span_h, span_w = dil_h * (kernel_h - 1) + 1, dil_w * (kernel_w - 1) + 1
     if span_h > height + 2 * pad_h or span_w > width + 2 * pad_w:

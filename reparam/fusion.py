@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._checks import FloatArray, as_float_array, groups_divide, positive_int
+from ._checks import FloatArray, as_float_array, bias_vector, groups_divide, positive_int
 from .errors import ReparamError
 from .kernels import identity_kernel, pad_kernel
 from .params import BatchNorm, ConvBias
@@ -83,12 +83,9 @@ def fuse_bn(
     bn = _check_batch_norm(bn, func=func, name="bn", channels=out_channels, what="kernel's C_out")
     arrays = [weights, bn.gamma]
     if conv_bias is not None:
-        own_bias = as_float_array(conv_bias, func=func, name="conv_bias", ndim=1)
-        if own_bias.shape[0] != out_channels:
-            raise ReparamError(
-                f"{func}: conv_bias has the wrong length; got {own_bias.shape[0]}, expected "
-                f"{out_channels} (the kernel's C_out)"
-            )
+        own_bias = bias_vector(
+            conv_bias, length=out_channels, func=func, name="conv_bias", what="the kernel's C_out"
+        )
         arrays.append(own_bias)
     result_dtype = np.result_type(*arrays)
     work = _working_dtype(result_dtype)
@@ -111,12 +108,9 @@ def _check_branch(branch: Any, index: int, *, func: str) -> tuple[FloatArray, Fl
             f"{func}: branch {index} must be a pair (kernel, bias); got {type(branch).__name__}"
         ) from None
     kernel = as_float_array(kernel, func=func, name=f"branch {index} kernel", ndim=4)
-    bias = as_float_array(bias, func=func, name=f"branch {index} bias", ndim=1)
-    if bias.shape[0] != kernel.shape[0]:
-        raise ReparamError(
-            f"{func}: branch {index} bias has the wrong length; got {bias.shape[0]}, expected "
-            f"{kernel.shape[0]} (its kernel's C_out)"
-        )
+    bias = bias_vector(
+        bias, length=kernel.shape[0], func=func, name=f"branch {index} bias", what="its C_out"
+    )
     return kernel, bias
 
 
