@@ -9,6 +9,7 @@ from and its dtype. Converting returns a new model; nothing is mutated.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterable
@@ -22,6 +23,7 @@ import numpy.typing as npt
 from ._checks import FloatArray, as_float_array, positive_int
 from .conv import conv2d, conv_output_size
 from .errors import ReparamError
+from .fast import DeployStack
 from .fusion import fuse_block, fuse_bn, sum_branches
 from .kernels import identity_kernel, pad_kernel
 from .norm import batch_norm
@@ -988,13 +990,33 @@ class RepVGG:
 
     # ---- computation
 
-    def features(self, x: npt.ArrayLike) -> FloatArray:
+    @functools.cached_property
+    def _fast_stack(self) -> DeployStack | None:
+        """The fast deploy path, built on first use; None where it does not apply."""
+        blocks = [block for _, block in self.blocks]
+        if not all(
+            isinstance(block, DeployBlock)
+            and block.kernel.shape[2:] == (3, 3)
+            and block.stride in (1, 2)
+            for block in blocks
+        ):
+            return None
+        return DeployStack(blocks)
+
+    def features(self, x: npt.ArrayLike, *, fast: bool = True) -> FloatArray:
         """Run the blocks and global average pooling.
 
         Parameters
         ----------
         x : array_like, shape (N, C_in, H, W)
             Floating input, cast to the model's dtype; any ``N``, ``H``, ``W``.
+        fast : bool, default True
+            Deploy form only: run the blocks on :class:`reparam.fast.DeployStack`
+            (activations kept channels-last in reused buffers, Winograd for
+            stride-1 layers), which equals the reference within the float32
+            tolerance. ``False`` runs the reference :func:`reparam.conv2d`
+            block by block. The train form always runs its three branches
+            through the reference, as a framework would.
 
         Returns
         -------
@@ -1014,6 +1036,9 @@ class RepVGG:
                 f"(N, {self.in_channels}, H, W)"
             )
         out: FloatArray = inputs.astype(self.dtype)
+        stack = self._fast_stack if fast else None
+        if stack is not None:
+            return stack(out, pool=True)
         for name, block in self.blocks:
             try:
                 out = block(out)
@@ -1022,13 +1047,13 @@ class RepVGG:
         pooled: FloatArray = out.mean(axis=(2, 3))
         return pooled
 
-    def __call__(self, x: npt.ArrayLike) -> FloatArray:
+    def __call__(self, x: npt.ArrayLike, *, fast: bool = True) -> FloatArray:
         """Logits of shape (N, num_classes) for ``x`` of shape (N, C_in, H, W).
 
         The input is cast to the model's dtype (float32 or float64). See
-        :meth:`features`.
+        :meth:`features` for ``fast``.
         """
-        return self.head(self.features(x))
+        return self.head(self.features(x, fast=fast))
 
     def reparameterize(self) -> RepVGG:
         """Return the deploy form: every block fused into one convolution with bias.

@@ -371,3 +371,27 @@ def test_block_names_must_be_unique() -> None:
     block = model.blocks[1][1]
     with pytest.raises(ReparamError, match=r"unique; got \['stage0'\] repeated"):
         RepVGG((("stage0", stem), ("stage0", block)), model.head)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("arch", ["RepVGG-A0", "RepVGG-B1g2"])
+def test_deploy_fast_path_equals_reference_path(arch: str, dtype: type) -> None:
+    deploy = RepVGG.create(arch, num_classes=10, seed=4, dtype=dtype).reparameterize()
+    x = np.random.default_rng(4).standard_normal((3, 3, 40, 24))
+    fast, reference = deploy(x), deploy(x, fast=False)
+    assert fast.dtype == reference.dtype == np.dtype(dtype), f"dtypes {fast.dtype}"
+    assert_close(fast, reference, dtype=dtype, what=f"{arch} fast path vs reference")
+
+
+def test_fast_path_only_for_3x3_deploy_blocks() -> None:
+    tiny = Architecture(widths=(4, 8), depths=(1, 2))
+    model = RepVGG.create(tiny, num_classes=3, seed=0)
+    assert model._fast_stack is None, "the train form runs the honest three-branch reference"
+    assert model.reparameterize()._fast_stack is not None, "a 3x3 deploy form is fast"
+    wide = DeployBlock(np.ones((4, 3, 5, 5), np.float32), np.zeros(4, np.float32))
+    five = RepVGG(
+        (("stage0", wide),), reparam.Head(np.ones((2, 4), np.float32), np.zeros(2, np.float32))
+    )
+    assert five._fast_stack is None, "5x5 kernels fall back to the reference conv2d"
+    x = np.ones((1, 3, 6, 6), np.float32)
+    np.testing.assert_allclose(five(x), five(x, fast=False), err_msg="fallback is the reference")
