@@ -105,8 +105,15 @@ def machine_lines(threads: int) -> list[str]:
     return lines
 
 
+#: Pause before each timed series: OpenBLAS's and PyTorch's OpenMP worker threads keep
+#: spinning for a while after a call, and would steal the cores from the next series.
+SETTLE_SECONDS = 0.3
+
+
 def measure(fn: Callable[[], Any], repeats: int, *, warmup: int = 1) -> list[float]:
-    """Seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+    """Seconds of ``repeats`` calls of ``fn`` after a pause and ``warmup`` untimed calls."""
+    if repeats > 1:
+        time.sleep(SETTLE_SECONDS)
     for _ in range(warmup):
         fn()
     times = []

@@ -62,7 +62,7 @@ def main() -> None:
             kernel, bias, _, _ = first[key]
             oh = (h - 1) // stride + 1
             possible = [a for a in ALGORITHMS if a == "im2col" or (stride == 1 and groups == 1)]
-            chosen = DeployStack([first[key]]).algorithms(h, h)[0]
+            chosen = DeployStack([first[key]], input_size=h).algorithms(h, h)[0]
             # float32 error of each algorithm (batch 1), against the float64 reference
             x1 = np.abs(rng.standard_normal((1, c_in, h, h))).astype(np.float32)
             ref = np.maximum(
@@ -78,14 +78,14 @@ def main() -> None:
             )
             errors = {}
             for name in possible:
-                out = DeployStack([first[key]], algorithms=[name])(x1)
+                out = DeployStack([first[key]], algorithms=[name], input_size=h)(x1)
                 errors[name] = float(np.abs(out - ref).max() / np.abs(ref).max())
             for batch in batches:
                 flops = 2.0 * batch * oh * oh * c_out * 9 * c_in / groups
                 x = rng.standard_normal((batch, c_in, h, h)).astype(np.float32)
                 times = {}
                 for name in possible:
-                    stack = DeployStack([first[key]], algorithms=[name])
+                    stack = DeployStack([first[key]], algorithms=[name], input_size=h)
                     stack.profile(x)  # warm up; profile() times the layer alone (NHWC to NHWC)
                     times[name] = [stack.profile(x)[0][1] for _ in range(args.repeats)]
                 # NumPy matmul on the im2col GEMM shape
@@ -161,8 +161,12 @@ def main() -> None:
             + (f", PyTorch {sum(tt):.1f} ms, ratio {fast / sum(tt):.2f}" if tt else ", PyTorch n/a")
         )
     note = (
-        f"Medians of {args.repeats} runs (ms). GFLOP/s = 2 x direct multiply-adds / median time. "
-        "`default` is the algorithm DeployStack picks for this layer and size."
+        f"Medians of {args.repeats} runs (ms). GFLOP/s = 2 x direct multiply-adds / median "
+        "time. `default` is the algorithm DeployStack picks for this layer and size. Each "
+        "layer is timed alone, so its weights stay in cache between runs; inside the whole "
+        "stack, F(4,3)'s transformed weights (4x the kernel) stream from memory on every "
+        "layer, which makes F(2,3) the faster choice at 14x14 there (see "
+        "`reparam.fast.choose_algorithm` and `DeployStack.tune`)."
     )
     write_result(
         "layers",

@@ -11,7 +11,9 @@ followed by its bias and a ReLU, and does it as fast as NumPy allows:
   its columns straight from NCHW planes, which copy faster);
 * every layer reads a zero-bordered padded buffer and writes its ReLU output
   straight into the interior of the next layer's padded buffer; all buffers
-  are allocated once per input shape and reused;
+  are carved out of one allocation per input shape and reused, and every
+  view on them (strided windows, scratch, output regions) is prepared once,
+  so a forward pass is only NumPy calls on ready views;
 * stride-2 layers, grouped layers and the stem use im2col (one strided view,
   one copy into a preallocated column buffer, one matrix multiply whose
   extra column of ones adds the bias);
@@ -24,14 +26,16 @@ followed by its bias and a ReLU, and does it as fast as NumPy allows:
   by ``max_chunk_bytes`` whatever the batch size; within a chunk, layers with
   large images run a few images at a time (``layer_bytes``) so their scratch
   stays in cache;
-* NumPy runs its copies on one core and BLAS parallelizes only large matrix
-  products, so with ``threads > 1`` the copies are split across threads and
-  Winograd layers compute bands of rows side by side (NumPy releases the GIL).
+* optionally (``threads > 1``), the copies are split across threads and
+  Winograd layers compute bands of rows side by side (NumPy releases the
+  GIL); this pays only when BLAS itself is single-threaded.
+
+``benchmarks/`` compares it with PyTorch on RepVGG-A0.
 """
 
 from __future__ import annotations
 
-import os
+import mmap
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -44,7 +48,7 @@ import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._checks import FloatArray, as_float_array, positive_int
+from ._checks import FloatArray, as_float_array, int_pair, positive_int
 from .errors import ReparamError
 
 __all__ = ["ALGORITHMS", "DeployStack", "choose_algorithm", "winograd_matrices"]
@@ -55,8 +59,8 @@ ALGORITHMS: tuple[str, ...] = ("im2col", "winograd2", "winograd4")
 #: Above this many input channels, F(4x4, 3x3) is not used (float32 error, memory).
 _WIDE = 256
 
-#: An image side large enough for every layer to use its fastest algorithm.
-_LARGE = 1 << 16
+#: F(4x4, 3x3) is used on images at least this large (see choose_algorithm).
+_F4_SIDE = 24
 
 #: A first layer with at most this many input channels reads NCHW (see _reads_nchw).
 _NCHW_CHANNELS = 4
@@ -68,7 +72,7 @@ _PARALLEL_ELEMENTS = 1 << 15
 #: layers then run a few images at a time on data that stays in cache.
 DEFAULT_LAYER_BYTES = 8 * 2**20
 
-#: Default bound on the scratch memory of one chunk of images.
+#: Default bound on the buffers of one chunk of images.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 
@@ -162,22 +166,29 @@ def choose_algorithm(
         ``"im2col"`` for strided or grouped layers (Winograd needs stride 1
         and one group), images under 4 pixels a side and fewer than 8 input
         channels (where the transforms cost more than they save);
-        ``"winograd4"`` up to 256 input channels; ``"winograd2"`` above.
+        ``"winograd4"`` for images of at least 24 pixels a side and at most
+        256 input channels; ``"winograd2"`` otherwise.
 
     Notes
     -----
     F(4x4, 3x3) does 4x fewer multiply-adds than a direct convolution and
-    F(2x2, 3x3) 2.25x fewer, but F(4x4, 3x3) rounds worse: its float32 error,
-    relative to the output magnitude, grows with the channels summed (about
-    2e-6 at 16 channels, 7e-6 at 192, 8e-6 at 640, against 2e-7 to 6e-7 for
-    F(2x2, 3x3) and im2col), and its transformed kernels take 4x the memory
-    of the kernels (F(2x2, 3x3): 1.8x). Wide layers therefore use F(2x2, 3x3).
-    Both stay well inside the project's float32 tolerance of 2e-5; a whole
-    RepVGG-A0 agrees with a float64 reference to about 4e-6.
+    F(2x2, 3x3) 2.25x fewer, but F(4x4, 3x3) has 36 transformed kernels per
+    input-output channel pair (F(2x2, 3x3) 16, im2col 9): on small images,
+    where each kernel serves few tiles, streaming them from memory costs more
+    than the multiply-adds saved (RepVGG-A0 at 224x224, measured layer by
+    layer inside the whole stack: F(4x4, 3x3) is the fastest at 56x56 and
+    28x28, F(2x2, 3x3) at 14x14). F(4x4, 3x3) also rounds worse: its float32
+    error, relative to the output magnitude, grows with the channels summed
+    (about 2e-6 at 16 channels, 4e-6 to 7e-6 at 192, 8e-6 at 640, against
+    2e-7 to 6e-7 for F(2x2, 3x3) and im2col). All stay well inside the
+    project's float32 tolerance of 2e-5; :meth:`DeployStack.tune` measures
+    instead of assuming.
     """
     if stride != 1 or groups != 1 or min(height, width) < 4 or in_channels < 8:
         return "im2col"
-    return "winograd4" if in_channels <= _WIDE else "winograd2"
+    if min(height, width) >= _F4_SIDE and in_channels <= _WIDE:
+        return "winograd4"
+    return "winograd2"
 
 
 @dataclass(frozen=True)
@@ -228,9 +239,12 @@ def _winograd_weights(layer: _Layer, tile: int, dtype: np.dtype[Any]) -> FloatAr
     """Transform the kernels, ``U = G k G^T``, laid out ``(t * t, I, O)``, in float64."""
     _, g, _ = winograd_matrices(tile)
     side = tile + 2
-    transformed = np.matmul(np.matmul(g, layer.kernel.astype(np.float64)), g.T)  # (O, I, t, t)
+    kernel = layer.kernel.astype(np.float64)  # (O, I, 3, 3)
+    # two large products (not millions of 3x3 ones): contract the rows, then the columns
+    rows = np.tensordot(g, kernel, axes=(1, 2))  # (t, O, I, 3)
+    transformed = np.tensordot(rows, g, axes=(3, 1))  # (t, O, I, t)
     matrix = np.empty((side, side, layer.in_channels, layer.out_channels), dtype=dtype)
-    np.copyto(matrix, transformed.transpose(2, 3, 1, 0), casting="unsafe")
+    np.copyto(matrix, transformed.transpose(0, 3, 2, 1), casting="unsafe")
     return matrix.reshape(side * side, layer.in_channels, layer.out_channels)
 
 
@@ -264,6 +278,55 @@ class _Arena:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.slots.values())
+
+
+class _Pool:
+    """One allocation carved into arrays at page-aligned, staggered offsets."""
+
+    def __init__(self, sizes: list[int], dtype: np.dtype[Any]) -> None:
+        self.dtype = dtype
+        spans = [self._span(size) for size in sizes]
+        self.block = _fresh_memory(sum(spans) + _HUGE_PAGE)
+        self.offset = -self.block.ctypes.data % _HUGE_PAGE
+        self.count = 0
+
+    def _span(self, size: int) -> int:
+        raw = size * self.dtype.itemsize + _STAGGER * (_STAGGERS - 1)
+        return -(-raw // _PAGE) * _PAGE
+
+    def take(self, shape: tuple[int, ...], *, zero: bool) -> FloatArray:
+        size = int(np.prod(shape))
+        # successive arrays start at different offsets within a page, so that streams
+        # through several of them do not collide in the same cache sets (4K aliasing)
+        start = self.offset + _STAGGER * (self.count % _STAGGERS)
+        view = self.block[start : start + size * self.dtype.itemsize].view(self.dtype)
+        self.offset += self._span(size)
+        self.count += 1
+        array = view.reshape(shape)
+        if zero:
+            array.fill(0)
+        return array
+
+
+def _fresh_memory(nbytes: int) -> npt.NDArray[np.uint8]:
+    """Bytes from a fresh anonymous mapping, with huge pages requested where the OS has them.
+
+    Not whatever recycled heap pages ``malloc`` hands out after other code freed
+    large arrays: the same buffers then run up to 1.5x slower (measured on
+    RepVGG-A0, batch 8), while a fresh mapping behaves the same every time.
+    """
+    if nbytes < _HUGE_PAGE or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return np.empty(nbytes, dtype=np.uint8)
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(mapping, dtype=np.uint8)
+
+
+_HUGE_PAGE = 2 * 2**20
+_PAGE = 4096
+_STAGGER = 256
+_STAGGERS = 8
 
 
 class _Workers:
@@ -375,19 +438,30 @@ class DeployStack:
         their im2col columns or Winograd tiles stay in cache, while layers
         with small images run on the whole chunk at once (larger, faster
         matrix products).
-    threads : int, optional
-        Threads for the copies between the matrix products (the gathers of
-        im2col columns and Winograd tiles, and the ReLU scatters), which NumPy
-        runs on one core; None (the default) for the CPUs available, at most
-        8. The matrix products use NumPy's BLAS and its own threads.
+    input_size : int or (int, int), default 224
+        The image size (height, width) to prepare the weights for when the
+        stack is built; which layout a layer's weights need depends on the
+        algorithm, which depends on the image size (see
+        :func:`choose_algorithm`). Other sizes compute what they need on
+        first use, once.
+    threads : int, default 1
+        Threads of the stack's own: with more than one, the copies between
+        the matrix products (gathers, ReLU scatters), which NumPy runs on one
+        core, are split across threads, and Winograd layers compute bands of
+        rows side by side (NumPy releases the GIL in both). This pays only
+        when BLAS itself runs single-threaded (e.g. under
+        ``threadpoolctl.threadpool_limits(1)``, 48 -> 48 channels at 56x56:
+        0.51 ms instead of 0.63 ms); with OpenBLAS's own threads the two
+        compete and a whole RepVGG-A0 was slower (2 cores), hence the default.
 
     Raises
     ------
     ReparamError
         If there are no layers, a kernel is not ``(O, I/g, 3, 3)``, a bias has
         the wrong length, a stride is not 1 or 2, groups do not divide the
-        channels, consecutive layers' channels do not chain, or an algorithm
-        name is unknown.
+        channels, consecutive layers' channels do not chain, an algorithm
+        name is unknown, or ``max_chunk_bytes``, ``layer_bytes``, ``threads``
+        or ``input_size`` is not a positive integer (pair).
 
     Notes
     -----
@@ -429,7 +503,8 @@ class DeployStack:
         algorithms: Sequence[str] | None = None,
         max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         layer_bytes: int = DEFAULT_LAYER_BYTES,
-        threads: int | None = None,
+        threads: int = 1,
+        input_size: int | tuple[int, int] = 224,
     ) -> None:
         func = "DeployStack"
         checked = [_check_layer(i, entry, func=func) for i, entry in enumerate(layers)]
@@ -458,8 +533,6 @@ class DeployStack:
         self._requested: list[str] | None = algorithms
         self._max_chunk_bytes = positive_int(max_chunk_bytes, func=func, name="max_chunk_bytes")
         self._layer_bytes = positive_int(layer_bytes, func=func, name="layer_bytes")
-        if threads is None:
-            threads = _default_threads()
         self._workers = _Workers(positive_int(threads, func=func, name="threads"))
         self.dtype: np.dtype[Any] = np.result_type(
             *{array.dtype for layer in checked for array in (layer.kernel, layer.bias)}
@@ -467,11 +540,15 @@ class DeployStack:
         self._weights: dict[tuple[int, str, np.dtype[Any]], FloatArray] = {}
         self._plans: dict[tuple[int, int, int, np.dtype[Any]], _Plan] = {}
         self._lock = threading.Lock()
-        # precompute the weights each layer uses on large images; other forms (tiny
-        # images, another dtype) are computed on first use and kept
+        # precompute the weights each layer uses at input_size; other forms (other
+        # sizes, another dtype) are computed on first use and kept
+        height, width = int_pair(input_size, func=func, name="input_size", minimum=1)
         compute = np.promote_types(self.dtype, np.float32)
-        for i, name in enumerate(self.algorithms(_LARGE, _LARGE)):
+        for i, name in enumerate(self.algorithms(height, width)):
             self._layer_weights(i, name, compute)
+        if _reads_nchw(checked[0], self.algorithms(height, width)[0]):
+            self._layer_weights(0, "im2col_nchw", compute)
+        self._consolidate(compute)
 
     @property
     def in_channels(self) -> int:
@@ -482,6 +559,11 @@ class DeployStack:
     def out_channels(self) -> int:
         """Channels of the output."""
         return self._layers[-1].out_channels
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the prepared weights (GEMM layouts, Winograd-transformed kernels)."""
+        return sum(weights.nbytes for weights in self._weights.values())
 
     def __len__(self) -> int:
         return len(self._layers)
@@ -547,7 +629,8 @@ class DeployStack:
                 stop = min(batch, start + plan.chunk)
                 last = self._run_chunk(plan, inputs[start:stop])
                 if pool:
-                    output[start:stop] = last.mean(axis=(1, 2), dtype=compute)
+                    # the mean accumulates in float64 (cheap: one pass over the last layer)
+                    output[start:stop] = last.mean(axis=(1, 2), dtype=np.float64)
                 else:
                     np.copyto(output[start:stop], last.transpose(0, 3, 1, 2), casting="unsafe")
         return output
@@ -612,7 +695,12 @@ class DeployStack:
         chosen = [name for _, name in best]
         self._requested = chosen
         self._plans.clear()
-        self._weights = {k: w for k, w in self._weights.items() if k[1] == chosen[k[0]]}
+        self._weights = {  # keep the chosen forms (and the NCHW stem's), drop the others
+            key: weights
+            for key, weights in self._weights.items()
+            if key[1] in (chosen[key[0]], "im2col_nchw")
+        }
+        self._consolidate(np.promote_types(self.dtype, np.float32))
         return list(chosen)
 
     def scratch_bytes(
@@ -659,6 +747,15 @@ class DeployStack:
                 f"{func}: x has no pixels; got H x W = {height} x {width}, expected both >= 1"
             )
         return inputs, np.promote_types(np.result_type(inputs.dtype, self.dtype), np.float32)
+
+    def _consolidate(self, dtype: np.dtype[Any]) -> None:
+        """Move the prepared weights into one allocation: they stream layer after layer."""
+        keys = [key for key in self._weights if key[2] == dtype]
+        pool = _Pool([self._weights[key].size for key in keys], dtype)
+        for key in keys:
+            copy = pool.take(self._weights[key].shape, zero=False)
+            np.copyto(copy, self._weights[key])
+            self._weights[key] = copy
 
     def _layer_weights(self, index: int, name: str, dtype: np.dtype[Any]) -> FloatArray:
         key = (index, name, dtype)
@@ -777,19 +874,27 @@ class DeployStack:
     def _make_plan(self, height: int, width: int, dtype: np.dtype[Any], chunk: int) -> _Plan:
         sizes, algorithms = self._geometry(height, width)
         steps = self._steps(sizes, algorithms, chunk, dtype.itemsize)
-        buffers, origins = [], []
+        shapes, origins = [], []
         for i in range(len(self._layers) + 1):
             rows, cols, origin = self._buffer_shape(i, sizes, algorithms)
-            buffers.append(np.zeros((chunk, rows, cols, self._channels(i)), dtype=dtype))
+            shapes.append((chunk, rows, cols, self._channels(i)))
             origins.append(origin)
         nchw_input = _reads_nchw(self._layers[0], algorithms[0])
         if nchw_input:
-            buffers[0] = buffers[0].transpose(0, 3, 1, 2).copy()  # (chunk, C, rows, cols)
+            chunk_, rows, cols, channels = shapes[0]
+            shapes[0] = (chunk_, channels, rows, cols)
+        scratch = self._scratch(sizes, algorithms, steps)
+        # one allocation for everything (one region NumPy asks the kernel to back with huge
+        # pages; fixed, cache-friendly offsets instead of wherever the allocator puts them)
+        sizes_all = [int(np.prod(shape)) for shape in shapes]
+        sizes_all += [size for needs in scratch for size in needs.values()]
+        pool = _Pool(sizes_all, dtype)
+        buffers = [pool.take(shape, zero=True) for shape in shapes]
         arenas = []
-        for needs in self._scratch(sizes, algorithms, steps):  # the largest scratch, once
+        for needs in scratch:
             arena = _Arena(dtype)
             for name, size in needs.items():
-                arena.get(name, (size,))
+                arena.slots[name] = pool.take((size,), zero=False)
             arenas.append(arena)
         return _Plan(chunk, dtype, sizes, algorithms, steps, nchw_input, buffers, origins, arenas)
 
@@ -847,15 +952,6 @@ class DeployStack:
                 seconds[i] += time.perf_counter() - started
         out_h, out_w = plan.sizes[-1]
         return plan.buffers[-1][:n, :out_h, :out_w]
-
-
-def _default_threads() -> int:
-    """Count the CPUs this process may run on (at most 8)."""
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        available = os.cpu_count() or 1
-    return max(1, min(8, available))
 
 
 def _winograd_allowed(layer: _Layer) -> bool:
@@ -1042,7 +1138,7 @@ def _winograd_task(
     e = arena.get("stage", (side, side, tiles * channels))
     v = arena.get("gathered", (side, side, tiles * channels))  # d is no longer needed then
     m = arena.get("product", (side * side, tiles, out_channels))
-    z = arena.get("stage", (tile, side, tiles * out_channels))
+    z = arena.get("stage", (side, tile, tiles * out_channels))
     y = arena.get("output", (tile, tile, n, th, tw, out_channels))
     # the output region, whole tiles, seen as (i, j, n, tile row, tile column, channel)
     region = target[:, origin + top : origin + top + th * tile, origin : origin + tw * tile]
@@ -1056,14 +1152,15 @@ def _winograd_task(
     def run() -> None:
         np.copyto(d, windows)
         # input transform B^T d B as two small matrix products over all tiles and channels
-        np.matmul(bt, d.reshape(side, -1), out=e.reshape(side, -1))
-        np.matmul(bt, e, out=v)  # v[i, j] = sum_b bt[j, b] e[i, b]
+        # (stacks of small products: each stays in cache, and BLAS runs it on one core)
+        np.matmul(bt, d.reshape(side, side, -1).transpose(1, 0, 2), out=e)  # e[b, i]
+        np.matmul(bt, e.transpose(1, 0, 2), out=v)  # v[i, j] = sum_b bt[j, b] e[b, i]
         np.matmul(v.reshape(side * side, tiles, channels), weights, out=m)
         # column 1 of A^T is all ones, so a bias added to m[1, 1] reaches every output pixel
         np.add(m[side + 1], bias, out=m[side + 1])
         # output transform A^T m A, the same way, then ReLU into the target
-        np.matmul(at, m.reshape(side, -1), out=z.reshape(tile, -1))
-        np.matmul(at, z, out=y.reshape(tile, tile, -1))  # y[i, j] = sum_b at[j, b] z[i, b]
+        np.matmul(at, m.reshape(side, side, -1).transpose(1, 0, 2), out=z)  # z[b, i]
+        np.matmul(at, z.transpose(1, 0, 2), out=y.reshape(tile, tile, -1))  # y[i, j]
         np.maximum(y, 0, out=out)
         for part in beyond:
             part.fill(0.0)

@@ -118,6 +118,14 @@ def check_against_reference(case: StackCase, dtype: npt.DTypeLike, what: str) ->
     assert_close(actual, expected, dtype=dtype, scale=scale, what=f"{what}: {case}")
 
 
+@given(case=stack_cases())
+def test_the_strategy_builds_valid_chains(case: StackCase) -> None:
+    for i, groups in enumerate(case.groups):
+        assert case.channels[i] % groups == 0, f"groups {groups} must divide C_in: {case}"
+        assert case.channels[i + 1] % groups == 0, f"groups {groups} must divide C_out: {case}"
+    assert 1 <= case.height <= 11 and 1 <= case.width <= 11, f"sizes: {case}"
+
+
 # ----------------------------------------------------------------- the transforms
 
 
@@ -346,7 +354,9 @@ def test_extra_memory_does_not_grow_with_the_batch() -> None:
 
 def test_default_algorithms() -> None:
     common: dict[str, int] = {"in_channels": 48, "out_channels": 48, "height": 56, "width": 56}
-    assert choose_algorithm(stride=1, groups=1, **common) == "winograd4", "stride 1"
+    assert choose_algorithm(stride=1, groups=1, **common) == "winograd4", "stride 1, 56x56"
+    small = {**common, "height": 14, "width": 14}
+    assert choose_algorithm(stride=1, groups=1, **small) == "winograd2", "stride 1, 14x14"
     assert choose_algorithm(stride=2, groups=1, **common) == "im2col", "stride 2"
     assert choose_algorithm(stride=1, groups=2, **common) == "im2col", "grouped"
     tiny = {**common, "height": 2, "width": 2}
@@ -395,6 +405,7 @@ def _layer(out_channels: int = 4, in_per_group: int = 3, stride: int = 1, groups
         ([_layer()], {"max_chunk_bytes": 0}, "max_chunk_bytes must be >= 1"),
         ([_layer()], {"layer_bytes": 0}, "layer_bytes must be >= 1"),
         ([_layer()], {"threads": 0}, "threads must be >= 1"),
+        ([_layer()], {"input_size": (0, 5)}, "input_size must be >= 1"),
     ],
 )
 def test_malformed_layers(layers: list[Any], kwargs: dict[str, Any], message: str) -> None:
@@ -468,3 +479,27 @@ def test_threads_change_nothing(case: StackCase, threads: int) -> None:
         multi = DeployStack(layers, algorithms=case.algorithms, threads=threads)(x)
     # the copies are exact; the bands of rows change only the matrix products' row counts
     assert_close(multi, single, dtype=np.float32, what=f"{threads} threads")
+
+
+def test_weights_for_the_prepared_size_are_computed_once_when_built() -> None:
+    case = StackCase((3, 8, 8, 8), (1, 1, 2), (2, 1, 1), None, 1, 32, 30, seed=8)
+    stack = DeployStack(case.layers(np.float32), input_size=(32, 30))
+    built = stack.weight_bytes
+    assert built > 0, "the stack prepares its weights when it is built"
+    stack(case.x(np.float32))
+    assert stack.weight_bytes == built, "a call at the prepared size computed more weights"
+    stack(case.x(np.float32)[:, :, :5, :5])  # another size may need another layout, once
+    grown = stack.weight_bytes
+    stack(case.x(np.float32)[:, :, :5, :5])
+    assert stack.weight_bytes == grown, "weights for a size are computed only once"
+
+
+def test_large_buffers_from_a_fresh_mapping() -> None:
+    """From 2 MiB up, the buffers come from one anonymous memory mapping."""
+    case = StackCase((3, 16, 16, 16), (1, 1, 2), (2, 1, 1), None, 3, 96, 80, seed=13)
+    layers, x = case.layers(np.float32), case.x(np.float32)
+    stack = DeployStack(layers, input_size=(96, 80))
+    assert stack.scratch_bytes(96, 80, batch=3) >= 2 * 2**20, "the case must be large enough"
+    expected, scale = reference_stack(x, layers)
+    assert_close(stack(x), expected, dtype=np.float32, scale=scale, what="96x80, mapped buffers")
+    assert_close(stack(x), expected, dtype=np.float32, scale=scale, what="second call")
