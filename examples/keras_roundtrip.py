@@ -18,6 +18,7 @@ padding, in the train and the deploy model alike.
 
 from __future__ import annotations
 
+import functools
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -66,8 +67,20 @@ def conv(
     return layer(x)
 
 
-def train_block(x: Any, filters: int, *, stride: int, groups: int, padding: str, name: str) -> Any:
-    """relu(BN(conv3x3(x)) + BN(conv1x1(x)) [+ BN(x)]), the identity when the shapes allow."""
+def train_block(
+    x: Any,
+    filters: int,
+    *,
+    stride: int,
+    groups: int,
+    padding: str,
+    name: str,
+    affine_identity: bool = True,
+) -> Any:
+    """relu(BN(conv3x3(x)) + BN(conv1x1(x)) [+ BN(x)]), the identity when the shapes allow.
+
+    ``affine_identity=False`` gives the identity BatchNorm ``scale=False, center=False``.
+    """
     options = {"stride": stride, "groups": groups, "padding": padding}
     dense = conv(x, filters, 3, name=f"{name}_conv3", **options)
     branches = [
@@ -77,7 +90,10 @@ def train_block(x: Any, filters: int, *, stride: int, groups: int, padding: str,
         ),
     ]
     if stride == 1 and x.shape[-1] == filters:
-        branches.append(keras.layers.BatchNormalization(name=f"{name}_bn0")(x))
+        identity = keras.layers.BatchNormalization(
+            scale=affine_identity, center=affine_identity, name=f"{name}_bn0"
+        )
+        branches.append(identity(x))
     return keras.layers.ReLU(name=f"{name}_relu")(keras.layers.Add(name=f"{name}_add")(branches))
 
 
@@ -103,9 +119,12 @@ def build(
     size: tuple[int, int],
     padding: str = "explicit",
     num_classes: int | None = None,
+    affine_identity: bool = True,
 ) -> keras.Model:
     """A Keras model of ``blocks`` in train or deploy form, with an optional pooled linear head."""
-    block = train_block if form == "train" else deploy_block
+    block: Any = deploy_block
+    if form == "train":
+        block = functools.partial(train_block, affine_identity=affine_identity)
     inputs = keras.Input((*size, blocks[0][0]), name="image")
     x = inputs
     for index, (_, filters, stride, groups) in enumerate(blocks):
@@ -220,14 +239,18 @@ def block_round_trip(
     channels: int = 8,
     var_scale: float = 1.0,
     epsilon: float | None = None,
+    affine_identity: bool = True,
 ) -> float:
-    """One block, train form vs its fusion, both run by Keras; the max relative difference."""
+    """One block, train form vs its fusion, both run by Keras; the max relative difference.
+
+    ``var_scale`` scales the BatchNorm variances; ``epsilon`` overrides the layers' own.
+    """
     rng = np.random.default_rng(seed)
     blocks = ((channels, channels, stride, groups),)
-    shape = (size, size + 1)  # not square: one side odd, so "same" at stride 2 is (0, 1) on top
+    shape = (size, size + 1)  # not square: catches swapped axes
     if padding == "same" and stride == 2:
-        shape = (size, size)  # both sides of one parity, so one corner fits both
-    train = build("train", blocks, size=shape, padding=padding)
+        shape = (size, size)  # both axes padded alike, so one tap fits both
+    train = build("train", blocks, size=shape, padding=padding, affine_identity=affine_identity)
     randomise(train, rng, var_scale=var_scale)
     deploy = convert(train, blocks, size=shape, padding=padding, tap=tap, epsilon=epsilon)
     x = rng.standard_normal((2, *shape, channels)).astype(np.float32)
@@ -262,6 +285,11 @@ def main() -> None:
         error = block_round_trip(stride=stride, groups=groups, padding=padding, seed=stride)
         print(f"{padding:>8} stride {stride} groups {groups}: max relative difference {error:.2e}")
         assert error <= FLOAT32_TOLERANCE, f"{padding} stride {stride} groups {groups}: {error}"
+    error = block_round_trip(stride=1, groups=2, affine_identity=False)
+    print(f"identity BN with scale=False, center=False: max relative difference {error:.2e}")
+    assert error <= FLOAT32_TOLERANCE, f"scale=False, center=False: {error}"
+    error = block_round_trip(stride=1, groups=1, var_scale=1e-2, epsilon=1e-5)
+    print(f"variances ~1e-2 fused with epsilon 1e-5, not 1e-3: max relative difference {error:.2e}")
     print('"same" at stride 2, the trap:')
     for size in (8, 7):
         for tap in TAPS:
