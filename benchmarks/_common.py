@@ -191,7 +191,7 @@ def random_deploy_layers(
 def repvgg_module() -> Any:
     """reparam.repvgg when it exists (it is written in parallel), else None."""
     try:
-        from reparam import repvgg
+        from reparam.models import repvgg
     except ImportError:
         return None
     return repvgg if hasattr(repvgg, "RepVGG") else None

@@ -1,6 +1,6 @@
 """Conversion time, train form -> deploy form, for every published RepVGG configuration.
 
-For each architecture in ``reparam.repvgg.ARCHITECTURES``: build the train form
+For each architecture in ``reparam.ARCHITECTURES``: build the train form
 (float32, seeded), then time ``model.reparameterize()`` (median, min, max of
 ``--repeats`` runs) and the construction of the fast path's ``DeployStack``
 (which precomputes the GEMM-layout and Winograd-transformed kernels). Target:
@@ -15,7 +15,7 @@ import time
 
 from _common import fmt, limit_blas, measure, parse_args, repvgg_module, stats, table, write_result
 
-from reparam.fast import DeployStack
+from reparam.engine import DeployStack
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
         write_result(
             "convert",
             "Conversion time (train -> deploy)",
-            "n/a: reparam.repvgg.RepVGG is not available",
+            "n/a: reparam.RepVGG is not available",
             args.threads,
             write=not args.no_write,
         )

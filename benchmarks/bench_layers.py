@@ -31,7 +31,7 @@ from _common import (
 )
 
 from reparam import conv2d
-from reparam.fast import ALGORITHMS, DeployStack
+from reparam.engine import ALGORITHMS, DeployStack
 
 LABELS = {"im2col": "im2col", "winograd2": "F(2,3)", "winograd4": "F(4,3)"}
 
@@ -166,7 +166,7 @@ def main() -> None:
         "layer is timed alone, so its weights stay in cache between runs; inside the whole "
         "stack, F(4,3)'s transformed weights (4x the kernel) stream from memory on every "
         "layer, which makes F(2,3) the faster choice at 14x14 there (see "
-        "`reparam.fast.choose_algorithm` and `DeployStack.tune`)."
+        "`reparam.engine.choose_algorithm` and `DeployStack.tune`)."
     )
     write_result(
         "layers",

@@ -47,7 +47,7 @@ def child(form: str, batch: int, size: int, quick: bool, seed: int, threads: int
         torch_deploy_model,
     )
 
-    from reparam.fast import DeployStack
+    from reparam.engine import DeployStack
 
     torch = torch_or_none(threads) if form == "torch" else None
     if form == "torch" and torch is None:

@@ -33,7 +33,7 @@ from _common import (
     write_result,
 )
 
-from reparam.fast import DeployStack
+from reparam.engine import DeployStack
 
 FORMS = (
     "NumPy train",

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import reparam
-from reparam.io import from_state_dict, to_state_dict
+from reparam.checkpoints import from_state_dict, to_state_dict
 
 FLOAT32_TOLERANCE = 2e-5  # relative to the largest output, as in tests/tolerances.py
 

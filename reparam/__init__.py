@@ -1,14 +1,43 @@
-"""reparam: exact structural reparameterization (RepVGG) in pure NumPy."""
+"""reparam: exact structural reparameterization in pure NumPy.
 
-from .conv import conv2d
-from .errors import ReparamError
-from .fusion import fuse_block, fuse_bn, sum_branches
-from .io import load, save
-from .kernels import identity_kernel, pad_kernel
-from .layouts import hwio_to_oihw, nchw_to_nhwc, nhwc_to_nchw, oihw_to_hwio
-from .norm import batch_norm
-from .params import BatchNorm, ConvBias
-from .repvgg import (
+Layers, each importing only the ones before it:
+
+- :mod:`reparam.core`: errors, parameter containers, kernels, the branch
+  algebra and the reference ops (NumPy only; all that ``import reparam``
+  loads, with :mod:`reparam.models`);
+- :mod:`reparam.families`: the published block families, one module each;
+- :mod:`reparam.engine`: the fast deploy path (loaded on first use);
+- :mod:`reparam.models`: RepVGG networks and their published architectures;
+- :mod:`reparam.checkpoints`: file formats and key layouts;
+- :mod:`reparam.export`: ONNX;
+- :mod:`reparam.cli`: the ``reparam`` command.
+
+``reparam.load``, ``reparam.save`` and the subpackages after ``models`` are
+imported on first access, so ``import reparam`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .core import (
+    BatchNorm,
+    ConvBias,
+    ReparamError,
+    batch_norm,
+    conv2d,
+    fuse_block,
+    fuse_bn,
+    hwio_to_oihw,
+    identity_kernel,
+    nchw_to_nhwc,
+    nhwc_to_nchw,
+    oihw_to_hwio,
+    pad_kernel,
+    sum_branches,
+)
+from .models import (
     ARCHITECTURES,
     Architecture,
     BlockSpec,
@@ -19,7 +48,11 @@ from .repvgg import (
     block_specs,
 )
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from . import checkpoints, engine, export, families
+    from .checkpoints import load, save
+
+__version__ = "0.2.0"
 
 __all__ = [
     "ARCHITECTURES",
@@ -34,7 +67,11 @@ __all__ = [
     "TrainBlock",
     "batch_norm",
     "block_specs",
+    "checkpoints",
     "conv2d",
+    "engine",
+    "export",
+    "families",
     "fuse_block",
     "fuse_bn",
     "hwio_to_oihw",
@@ -47,3 +84,20 @@ __all__ = [
     "save",
     "sum_branches",
 ]
+
+_LAZY_SUBPACKAGES = ("checkpoints", "engine", "export", "families")
+_LAZY_FUNCTIONS = {"load": "checkpoints", "save": "checkpoints"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a subpackage, or ``load`` / ``save``, on first access (PEP 562)."""
+    if name in _LAZY_SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _LAZY_FUNCTIONS:
+        package = importlib.import_module(f"{__name__}.{_LAZY_FUNCTIONS[name]}")
+        return getattr(package, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

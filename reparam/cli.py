@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ReparamError
-from .export import DEFAULT_OPSET, export_onnx
-from .io import CHECKPOINT_SUFFIXES, load, save, save_array
-from .repvgg import RepVGG, TrainBlock
+from .checkpoints.formats import CHECKPOINT_SUFFIXES, save_array
+from .checkpoints.repvgg import load, save
+from .core.errors import ReparamError
+from .export.onnx import DEFAULT_OPSET, export_onnx
+from .models.repvgg import RepVGG, TrainBlock
 
 __all__ = ["main"]
 

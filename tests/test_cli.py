@@ -14,8 +14,8 @@ from tolerances import assert_close
 
 import reparam
 from reparam import Architecture, RepVGG
+from reparam.checkpoints import to_state_dict, write_tensors
 from reparam.cli import main
-from reparam.io import to_state_dict, write_tensors
 
 # The digits model's shape: stage0 1->16, stage1 two blocks 16->32, stage2 two blocks 32->64.
 DIGITS = Architecture(widths=(16, 32, 64), depths=(1, 2, 2))
@@ -43,7 +43,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     model = RepVGG.create(DIGITS, num_classes=10, seed=0, in_channels=1)
     paths = {"npz": root / "train.npz", "safetensors": root / "train.safetensors"}
     for path in paths.values():
-        model.save(path)
+        reparam.save(model, path)
     rng = np.random.default_rng(0)
     paths["data"] = root / "test.npz"
     np.savez(
@@ -74,7 +74,7 @@ def test_convert(digits: dict[str, Path], tmp_path: Path, suffixes: tuple[str, s
 def test_convert_timm_layout_keeps_the_layout(tmp_path: Path) -> None:
     model = RepVGG.create(DIGITS, num_classes=10, in_channels=1)
     source = tmp_path / "timm.safetensors"
-    model.save(source, layout="timm")
+    reparam.save(model, source, layout="timm")
     target = tmp_path / "timm_deploy.npz"
     _ok(_cli("convert", source, target, "--layout", "timm"))
     with np.load(target) as saved:
@@ -90,7 +90,7 @@ def test_verify(digits: dict[str, Path]) -> None:
 
 def test_verify_published_architecture_default_size(tmp_path: Path) -> None:
     path = tmp_path / "a0.npz"
-    RepVGG.create("A0", num_classes=10, dtype=np.float64).save(path)
+    reparam.save(RepVGG.create("A0", num_classes=10, dtype=np.float64), path)
     out = _ok(_cli("verify", path, "--arch", "A0", "--batch", "1"))
     assert "RepVGG-A0" in out and "64x64" in out and "OK" in out, out
 
@@ -117,7 +117,7 @@ def test_run(digits: dict[str, Path], tmp_path: Path, form: str) -> None:
     weights = digits["npz"]
     if form == "deploy":
         weights = tmp_path / "deploy.safetensors"
-        reparam.load(digits["npz"]).reparameterize().save(weights)
+        reparam.save(reparam.load(digits["npz"]).reparameterize(), weights)
     x = np.random.default_rng(2).standard_normal((4, 1, 16, 12)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     out = _ok(_cli("run", weights, "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy"))
@@ -129,7 +129,7 @@ def test_run(digits: dict[str, Path], tmp_path: Path, form: str) -> None:
 
 def test_info_on_a0_deploy(tmp_path: Path) -> None:
     path = tmp_path / "a0_deploy.safetensors"
-    RepVGG.create("A0").reparameterize().save(path)
+    reparam.save(RepVGG.create("A0").reparameterize(), path)
     out = _ok(_cli("info", path))
     for line in (
         "layout:        official",
@@ -258,7 +258,7 @@ def test_deploy_checkpoints_cannot_be_converted_or_verified(
     digits: dict[str, Path], tmp_path: Path
 ) -> None:
     deploy = tmp_path / "deploy.npz"
-    reparam.load(digits["npz"]).reparameterize().save(deploy)
+    reparam.save(reparam.load(digits["npz"]).reparameterize(), deploy)
     result = _cli("convert", deploy, tmp_path / "again.npz")
     assert result.returncode == 2 and "already in deploy form" in result.stderr, result.stderr
     result = _cli("verify", deploy)

@@ -13,9 +13,9 @@ from reference import conv2d_loops, conv_magnitude
 from strategies import ConvCase, conv_cases
 from tolerances import DTYPES, assert_close
 
-import reparam.conv
+import reparam.core.conv
 from reparam import conv2d
-from reparam.conv import conv_output_size
+from reparam.core.conv import conv_output_size
 
 # ------------------------------------------------------------ tier 1: by pencil
 
@@ -154,15 +154,15 @@ def test_chunking_changes_nothing(dtype: type, case: ConvCase, buffer_bytes: int
     kwargs = case.kwargs()
     whole = conv2d(x, kernel, bias, **kwargs)
     chunks: list[tuple[int, int]] = []
-    original_chunk = reparam.conv._conv_chunk
+    original_chunk = reparam.core.conv._conv_chunk
 
     def spy(windows: Any, matrix: Any, *, groups: int) -> Any:
         chunks.append((windows.shape[0], windows.shape[2]))  # (images, output rows)
         return original_chunk(windows, matrix, groups=groups)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(reparam.conv, "COLUMN_BUFFER_BYTES", buffer_bytes)
-        patch.setattr(reparam.conv, "_conv_chunk", spy)
+        patch.setattr(reparam.core.conv, "COLUMN_BUFFER_BYTES", buffer_bytes)
+        patch.setattr(reparam.core.conv, "_conv_chunk", spy)
         chunked = conv2d(x, kernel, bias, **kwargs)
     out_rows = case.output_shape[2]
     covered = sum(images * rows for images, rows in chunks)
@@ -177,19 +177,19 @@ def test_tiny_buffer_chunks_by_image_and_by_row(monkeypatch: pytest.MonkeyPatch)
     kernel = rng.standard_normal((4, 2, 3, 3))
     whole = conv2d(x, kernel, padding=1)
     chunks: list[tuple[int, int]] = []
-    original_chunk = reparam.conv._conv_chunk
+    original_chunk = reparam.core.conv._conv_chunk
 
     def spy(windows: Any, matrix: Any, *, groups: int) -> Any:
         chunks.append((windows.shape[0], windows.shape[2]))
         return original_chunk(windows, matrix, groups=groups)
 
-    monkeypatch.setattr(reparam.conv, "_conv_chunk", spy)
-    monkeypatch.setattr(reparam.conv, "COLUMN_BUFFER_BYTES", 1)
+    monkeypatch.setattr(reparam.core.conv, "_conv_chunk", spy)
+    monkeypatch.setattr(reparam.core.conv, "COLUMN_BUFFER_BYTES", 1)
     by_row = conv2d(x, kernel, padding=1)
     assert chunks == [(1, 1)] * 18, f"1-byte buffer: one row of one image at a time; {chunks}"
     # one output row of one image: 5 columns x 2 channels x 9 taps x 8 bytes = 720 bytes
     chunks.clear()
-    monkeypatch.setattr(reparam.conv, "COLUMN_BUFFER_BYTES", 720 * 6 * 2)
+    monkeypatch.setattr(reparam.core.conv, "COLUMN_BUFFER_BYTES", 720 * 6 * 2)
     by_two_images = conv2d(x, kernel, padding=1)
     assert chunks == [(2, 6), (1, 6)], f"room for two images: chunks of 2 and 1; {chunks}"
     scale = conv_magnitude(x, kernel, padding=1)

@@ -1,4 +1,4 @@
-"""The fast deploy path (reparam.fast) against the reference conv2d + bias + ReLU stack.
+"""The fast deploy path (reparam.engine) against the reference conv2d + bias + ReLU stack.
 
 Every algorithm (im2col, Winograd F(2x2, 3x3) and F(4x4, 3x3)) must equal the
 reference, layer after layer, for strides 1 and 2, groups 1/2/4, batch sizes
@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 from strategies import random_array, seeds
 from tolerances import DTYPES, assert_close
 
-from reparam import ReparamError, conv2d, fast
-from reparam.fast import ALGORITHMS, DeployStack, choose_algorithm, winograd_matrices
+from reparam import ReparamError, conv2d
+from reparam.engine import ALGORITHMS, DeployStack, choose_algorithm, winograd_matrices
+from reparam.engine import stack as fast
 
 Layer = tuple[npt.NDArray[Any], npt.NDArray[Any], int, int]
 
@@ -431,7 +432,7 @@ def test_malformed_inputs(x: npt.NDArray[Any], message: str) -> None:
 
 
 def test_repvgg_deploy_model_through_the_stack() -> None:
-    repvgg = pytest.importorskip("reparam.repvgg")
+    repvgg = pytest.importorskip("reparam.models.repvgg")
     model = repvgg.RepVGG.create("A0", num_classes=10, seed=0, dtype=np.float32)
     deploy = model.reparameterize()
     stack = DeployStack(block for _, block in deploy.blocks)

@@ -16,9 +16,15 @@ from hypothesis import strategies as st
 from tolerances import assert_close
 
 import reparam
-import reparam.io as rio
+import reparam.checkpoints as rio
 from reparam import Architecture, BlockSpec, ReparamError, RepVGG, TrainBlock
-from reparam.io import detect_layout, from_state_dict, read_tensors, to_state_dict, write_tensors
+from reparam.checkpoints import (
+    detect_layout,
+    from_state_dict,
+    read_tensors,
+    to_state_dict,
+    write_tensors,
+)
 
 TINY = Architecture(widths=(4, 8, 8, 12), depths=(1, 2, 3, 1), groups=2, grouped_layers=(2, 4))
 SUFFIXES = (".npz", ".safetensors", ".pth")
@@ -47,7 +53,7 @@ def test_round_trip(tmp_path: Path, suffix: str, layout: str, form: str) -> None
     if form == "deploy":
         model = model.reparameterize()
     path = tmp_path / f"weights{suffix}"
-    model.save(path, layout=layout)  # type: ignore[arg-type]
+    reparam.save(model, path, layout=layout)  # type: ignore[arg-type]
     loaded = reparam.load(path)
     assert loaded.layout == layout and loaded.form == form, f"got {loaded}"
     _same_weights(model, loaded, f"{form} {layout} {suffix}")
@@ -57,18 +63,18 @@ def test_round_trip(tmp_path: Path, suffix: str, layout: str, form: str) -> None
 def test_published_architecture_is_inferred_whatever_the_classes(tmp_path: Path) -> None:
     model = RepVGG.create("A0", num_classes=10)
     path = tmp_path / "a0.npz"
-    model.save(path)
+    reparam.save(model, path)
     loaded = reparam.load(path)
     assert loaded.arch == "RepVGG-A0" and loaded.num_classes == 10, f"got {loaded}"
     assert reparam.load(path, arch="a0").arch == "RepVGG-A0", "explicit arch"
     deploy = tmp_path / "a0_deploy.safetensors"
-    model.reparameterize().save(deploy)
+    reparam.save(model.reparameterize(), deploy)
     assert reparam.load(deploy).arch == "RepVGG-A0", "deploy form: arch from shapes"
 
 
 def test_wrong_arch_lists_the_differences(tmp_path: Path) -> None:
     path = tmp_path / "a0.npz"
-    RepVGG.create("A0", num_classes=10).save(path)
+    reparam.save(RepVGG.create("A0", num_classes=10), path)
     with pytest.raises(ReparamError) as info:
         reparam.load(path, arch="RepVGG-A1")
     message = str(info.value)
@@ -269,7 +275,7 @@ def test_integer_tensors_are_rejected() -> None:
 
 def test_unknown_suffix(tmp_path: Path) -> None:
     with pytest.raises(ReparamError, match=r"unknown file format.*\.npz, \.safetensors"):
-        _tiny().save(tmp_path / "weights.bin")
+        reparam.save(_tiny(), tmp_path / "weights.bin")
     assert list(tmp_path.iterdir()) == [], "something was written"
     with pytest.raises(ReparamError, match="unknown file format"):
         reparam.load(tmp_path / "weights.h5")
@@ -298,7 +304,7 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     for suffix in SUFFIXES:
         path = target.with_suffix(suffix)
         with pytest.raises(OSError, match="No space left"):
-            _tiny().save(path)
+            reparam.save(_tiny(), path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deploy.npz"], "temporary files left"
     assert target.read_bytes() == b"old contents", "the old file was damaged"
 
@@ -319,10 +325,10 @@ def test_write_that_fails_midway_leaves_nothing(
 def test_missing_optional_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
     with pytest.raises(ReparamError, match="pip install safetensors"):
-        _tiny().save(tmp_path / "w.safetensors")
+        reparam.save(_tiny(), tmp_path / "w.safetensors")
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(ReparamError, match="pip install torch"):
-        _tiny().save(tmp_path / "w.pth")
+        reparam.save(_tiny(), tmp_path / "w.pth")
     (tmp_path / "w.pt").write_bytes(b"not read")
     with pytest.raises(ReparamError, match="need PyTorch to read"):
         reparam.load(tmp_path / "w.pt")

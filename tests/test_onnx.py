@@ -14,7 +14,7 @@ from tolerances import assert_close
 
 import reparam
 from reparam import ReparamError, RepVGG
-from reparam.export import export_onnx, to_onnx
+from reparam.export.onnx import export_onnx, to_onnx
 
 
 def _run(proto: object, x: np.ndarray) -> np.ndarray:

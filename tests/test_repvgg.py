@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tolerances import assert_close
 
 import reparam
-import reparam.repvgg as repvgg
+import reparam.models.repvgg as repvgg
 from reparam import (
     ARCHITECTURES,
     Architecture,
@@ -21,7 +21,7 @@ from reparam import (
     block_specs,
     fuse_block,
 )
-from reparam.repvgg import (
+from reparam.models.architectures import (
     architecture_differences,
     canonical_architecture,
     match_architecture,

@@ -21,7 +21,7 @@ from tolerances import assert_close
 from torch import nn
 
 import reparam
-from reparam.io import to_state_dict
+from reparam.checkpoints import to_state_dict
 
 # (widths stem first, depths stem first, groups, grouped layers counting blocks after the stem)
 TINY = ((6, 8, 12, 16), (1, 2, 3, 2), 2, (2, 4, 6))
@@ -139,8 +139,8 @@ def test_deploy_weights_load_into_torch_strictly(
     expected = _logits(net, x)
     deploy = reparam.load(path).reparameterize()
 
-    deploy.save(tmp_path / "deploy.safetensors")
-    deploy.save(tmp_path / "deploy.pth")
+    reparam.save(deploy, tmp_path / "deploy.safetensors")
+    reparam.save(deploy, tmp_path / "deploy.pth")
     state_dicts = {
         "safetensors": safetensors.torch.load_file(tmp_path / "deploy.safetensors"),
         "pth": torch.load(tmp_path / "deploy.pth", weights_only=True),
@@ -158,7 +158,7 @@ def test_train_weights_written_by_reparam_load_into_torch(tmp_path: Path) -> Non
     net = _torch_model(TINY, torch.float64)
     path = tmp_path / "train.pth"
     torch.save(net.state_dict(), path)
-    reparam.load(path).save(tmp_path / "again.pth")
+    reparam.save(reparam.load(path), tmp_path / "again.pth")
     other = TorchRepVGG(TINY, num_classes=10, deploy=False).double().eval()
     other.load_state_dict(torch.load(tmp_path / "again.pth", weights_only=True), strict=True)
     x = np.random.default_rng(3).standard_normal((1, 3, 16, 16))
@@ -166,7 +166,7 @@ def test_train_weights_written_by_reparam_load_into_torch(tmp_path: Path) -> Non
 
 
 def _to_timm(key: str) -> str:
-    """The official -> timm renaming, written independently of reparam.io."""
+    """The official -> timm renaming, written independently of reparam.checkpoints."""
     key = re.sub(r"^stage0\.", "stem.", key)
     key = re.sub(r"^stage(\d+)\.", lambda m: f"stages.{int(m.group(1)) - 1}.", key)
     key = re.sub(r"^linear\.", "head.fc.", key)
@@ -200,7 +200,7 @@ def test_timm_layout_round_trip(tmp_path: Path) -> None:
     assert model.layout == "timm" and model.form == "train", f"loaded {model}"
     assert_close(model(x), expected, dtype=np.float32, what="timm train vs torch")
     deploy = model.reparameterize()
-    deploy.save(tmp_path / "timm_deploy.safetensors")
+    reparam.save(deploy, tmp_path / "timm_deploy.safetensors")
     saved = safetensors.numpy.load_file(tmp_path / "timm_deploy.safetensors")
     torch_deploy = TorchRepVGG(TINY, num_classes=10, deploy=True).eval()
     expected_keys = {_to_timm(k) for k in torch_deploy.state_dict()}

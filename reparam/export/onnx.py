@@ -16,9 +16,10 @@ from typing import IO, Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ReparamError
-from .io import _HEAD, _block_key, _write_atomic
-from .repvgg import DeployBlock, RepVGG
+from ..checkpoints.formats import write_atomic
+from ..checkpoints.layouts import HEAD, block_key
+from ..core.errors import ReparamError
+from ..models.repvgg import DeployBlock, RepVGG
 
 __all__ = ["DEFAULT_OPSET", "export_onnx", "to_onnx"]
 
@@ -86,8 +87,8 @@ def to_onnx(model: RepVGG, *, opset: int = DEFAULT_OPSET, dtype: npt.DTypeLike =
     for name, block in deploy.blocks:
         if not isinstance(block, DeployBlock):  # pragma: no cover - reparameterize() guarantees it
             raise ReparamError(f"to_onnx: {name} is not a deploy block after conversion")
-        weight_key = _block_key(name, "reparam", "weight", deploy.layout)
-        bias_key = _block_key(name, "reparam", "bias", deploy.layout)
+        weight_key = block_key(name, "reparam", "weight", deploy.layout)
+        bias_key = block_key(name, "reparam", "bias", deploy.layout)
         initializers += [
             onnx.numpy_helper.from_array(np.ascontiguousarray(block.kernel), weight_key),
             onnx.numpy_helper.from_array(np.ascontiguousarray(block.bias), bias_key),
@@ -109,7 +110,7 @@ def to_onnx(model: RepVGG, *, opset: int = DEFAULT_OPSET, dtype: npt.DTypeLike =
         )
         nodes.append(helper.make_node("Relu", [conv_out], [relu_out], name=f"{name}/Relu"))
         current = relu_out
-    head_weight, head_bias = f"{_HEAD[deploy.layout]}.weight", f"{_HEAD[deploy.layout]}.bias"
+    head_weight, head_bias = f"{HEAD[deploy.layout]}.weight", f"{HEAD[deploy.layout]}.bias"
     initializers += [
         onnx.numpy_helper.from_array(np.ascontiguousarray(deploy.head.weight), head_weight),
         onnx.numpy_helper.from_array(np.ascontiguousarray(deploy.head.bias), head_bias),
@@ -175,4 +176,4 @@ def export_onnx(
     def write(stream: IO[bytes]) -> None:
         stream.write(data)
 
-    _write_atomic(target, write)
+    write_atomic(target, write)

@@ -1,184 +1,48 @@
-"""Checkpoints: read and write RepVGG weights in the official and the timm key layouts.
+"""RepVGG checkpoints: a flat state dict (or a file) to a :class:`RepVGG` and back.
 
-Formats, chosen by the file suffix: ``.npz`` (NumPy, no pickle),
-``.safetensors`` (needs the ``safetensors`` package) and ``.pth`` / ``.pt``
-(needs PyTorch; read with ``weights_only=True``). Two key layouts are
-understood and detected from the keys:
-
-- **official** (the RepVGG authors' code): ``stage0.rbr_dense.conv.weight``,
-  ``stage0.rbr_dense.bn.{weight,bias,running_mean,running_var}``,
-  ``stage{s}.{i}.rbr_1x1.*``, ``stage{s}.{i}.rbr_identity.*``,
-  ``linear.{weight,bias}``; deploy ``*.rbr_reparam.{weight,bias}``.
-- **timm** (``byobnet``): ``stem.*`` and ``stages.{s-1}.{i}.*`` with
-  ``conv_kxk.conv.weight``, ``conv_kxk.bn.*``, ``conv_1x1.*``, ``identity.*``
-  and ``head.fc.{weight,bias}``; deploy ``*.reparam_conv.{weight,bias}``.
-
-The architecture follows from the tensors alone: each block's branches and
-groups (``C_in / kernel.shape[1]``) come from its shapes, and the stride is 2
-for the stem and the first block of every stage, 1 elsewhere (the rule of
-every published RepVGG). Every file is written atomically: a temporary file
-in the same directory, ``fsync``, then :func:`os.replace`.
+The key names come from :mod:`reparam.checkpoints.layouts` (official or
+timm, detected from the keys), the files from
+:mod:`reparam.checkpoints.formats`. The architecture follows from the tensors
+alone: each block's branches and groups (``C_in / kernel.shape[1]``) come
+from its shapes, and the stride is 2 for the stem and the first block of
+every stage, 1 elsewhere (the rule of every published RepVGG).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import io as _io
 import os
-import re
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ReparamError
-from .params import BatchNorm
-from .repvgg import (
-    Block,
+from ..core.errors import ReparamError
+from ..core.params import BatchNorm
+from ..models.architectures import (
     BlockSpec,
-    DeployBlock,
-    Head,
-    Layout,
     NamedSpecs,
-    RepVGG,
-    TrainBlock,
     architecture_differences,
     canonical_architecture,
     match_architecture,
 )
+from ..models.repvgg import Block, DeployBlock, Head, RepVGG, TrainBlock
+from .formats import CHECKPOINT_SUFFIXES, Tensors, check_suffix, read_tensors, write_tensors
+from .layouts import (
+    BLOCK_KEY,
+    BN_LEAVES,
+    BRANCHES,
+    HEAD,
+    Layout,
+    block_key,
+    block_prefix,
+    check_layout,
+    detect_layout,
+    leaves,
+)
 
-__all__ = [
-    "LAYOUTS",
-    "detect_layout",
-    "from_state_dict",
-    "load",
-    "read_tensors",
-    "save",
-    "save_array",
-    "to_state_dict",
-    "write_tensors",
-]
-
-Tensors = dict[str, npt.NDArray[Any]]
-
-LAYOUTS: tuple[Layout, ...] = ("official", "timm")
-CHECKPOINT_SUFFIXES = (".npz", ".safetensors", ".pth", ".pt")
-_BN_LEAVES = ("weight", "bias", "running_mean", "running_var")
-
-# Branch prefixes inside a block, per layout: dense 3x3, pointwise 1x1, identity, fused.
-_BRANCHES: dict[Layout, dict[str, str]] = {
-    "official": {
-        "dense": "rbr_dense",
-        "pointwise": "rbr_1x1",
-        "identity": "rbr_identity",
-        "reparam": "rbr_reparam",
-    },
-    "timm": {
-        "dense": "conv_kxk",
-        "pointwise": "conv_1x1",
-        "identity": "identity",
-        "reparam": "reparam_conv",
-    },
-}
-_HEAD: dict[Layout, str] = {"official": "linear", "timm": "head.fc"}
-_BLOCK_KEY: dict[Layout, re.Pattern[str]] = {
-    "official": re.compile(r"^(?:stage0|stage(\d+)\.(\d+))\.(.+)$"),
-    "timm": re.compile(r"^(?:stem|stages\.(\d+)\.(\d+))\.(.+)$"),
-}
-
-
-# --------------------------------------------------------------------------- key names
-
-
-def _leaves(layout: Layout) -> dict[str, tuple[str, str]]:
-    """Map a key suffix inside a block to (branch, leaf), e.g. ``rbr_dense.bn.weight``."""
-    names = _BRANCHES[layout]
-    table: dict[str, tuple[str, str]] = {}
-    for branch in ("dense", "pointwise"):
-        table[f"{names[branch]}.conv.weight"] = (branch, "kernel")
-        for leaf in _BN_LEAVES:
-            table[f"{names[branch]}.bn.{leaf}"] = (branch, leaf)
-    for leaf in _BN_LEAVES:
-        table[f"{names['identity']}.{leaf}"] = ("identity", leaf)
-    table[f"{names['reparam']}.weight"] = ("reparam", "kernel")
-    table[f"{names['reparam']}.bias"] = ("reparam", "bias")
-    return table
-
-
-def _block_prefix(name: str, layout: Layout) -> str:
-    """``stage0`` -> ``stem``, ``stage2.3`` -> ``stages.1.3`` for timm."""
-    if re.fullmatch(r"stage0|stage[1-9]\d*\.\d+", name) is None:
-        raise ReparamError(
-            f"save: block name {name!r} has no key in the {layout} layout; expected 'stage0' or "
-            "'stage{s}.{i}' with s >= 1 (hint: name blocks like block_specs does)"
-        )
-    if layout == "official":
-        return name
-    if name == "stage0":
-        return "stem"
-    stage, index = name.removeprefix("stage").split(".")
-    return f"stages.{int(stage) - 1}.{index}"
-
-
-def _block_key(name: str, branch: str, leaf: str, layout: Layout) -> str:
-    """Full key of one tensor of a block, e.g. ``stage1.0.rbr_dense.bn.running_var``."""
-    prefix = f"{_block_prefix(name, layout)}.{_BRANCHES[layout][branch]}"
-    if branch == "reparam":
-        return f"{prefix}.{'weight' if leaf == 'kernel' else leaf}"
-    if leaf == "kernel":
-        return f"{prefix}.conv.weight"
-    if branch == "identity":
-        return f"{prefix}.{leaf}"
-    return f"{prefix}.bn.{leaf}"
-
-
-def detect_layout(keys: Any) -> Layout:
-    """Tell the key layout of a state dict from its keys.
-
-    Parameters
-    ----------
-    keys : iterable of str
-        Keys of a state dict (a ``module.`` prefix already removed).
-
-    Returns
-    -------
-    {"official", "timm"}
-
-    Raises
-    ------
-    ReparamError
-        If the keys look like neither layout, or like both.
-
-    Examples
-    --------
-    >>> detect_layout(["stem.conv_kxk.conv.weight", "head.fc.weight"])
-    'timm'
-    """
-    found = set()
-    for key in keys:
-        if key.startswith(("stage0.", "linear.")) or re.match(r"stage\d+\.\d+\.rbr_", key):
-            found.add("official")
-        if key.startswith(("stem.", "stages.", "head.fc.")):
-            found.add("timm")
-    if len(found) != 1:
-        what = "both" if found else "neither"
-        raise ReparamError(
-            f"detect_layout: the keys match {what} of the official (stage0.rbr_dense...) and the "
-            "timm (stem.conv_kxk...) layouts; hint: pass layout='official' or layout='timm'"
-        )
-    layout: Layout = "official" if "official" in found else "timm"
-    return layout
-
-
-def _check_layout(layout: Any, *, func: str) -> Layout:
-    if layout not in LAYOUTS:
-        raise ReparamError(f"{func}: layout must be 'official' or 'timm'; got {layout!r}")
-    checked: Layout = layout
-    return checked
+__all__ = ["from_state_dict", "load", "save", "to_state_dict"]
 
 
 # --------------------------------------------------------------------------- state dict -> model
@@ -188,9 +52,9 @@ def _parse_keys(
     tensors: Mapping[str, Any], layout: Layout, problems: list[str]
 ) -> tuple[dict[tuple[int, int], dict[str, dict[str, Any]]], dict[str, Any]]:
     """Group tensors by block ((stage, index), stem = (0, 0)) and branch; collect the head."""
-    leaves = _leaves(layout)
-    head_prefix = _HEAD[layout] + "."
-    pattern = _BLOCK_KEY[layout]
+    leaf_table = leaves(layout)
+    head_prefix = HEAD[layout] + "."
+    pattern = BLOCK_KEY[layout]
     blocks: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
     head: dict[str, Any] = {}
     for key, value in tensors.items():
@@ -200,7 +64,7 @@ def _parse_keys(
             head[key[len(head_prefix) :]] = value
             continue
         match = pattern.match(key)
-        if match is None or match.group(3) not in leaves:
+        if match is None or match.group(3) not in leaf_table:
             problems.append(f"unexpected key {key}")
             continue
         stage_text, index_text, rest = match.groups()
@@ -212,7 +76,7 @@ def _parse_keys(
             if stage == 0:
                 problems.append(f"unexpected key {key} (the stem is one block without an index)")
                 continue
-        branch, leaf = leaves[rest]
+        branch, leaf = leaf_table[rest]
         blocks.setdefault(position, {}).setdefault(branch, {})[leaf] = value
     return blocks, head
 
@@ -226,17 +90,17 @@ def _check_positions(
 ) -> list[tuple[int, int]]:
     """Blocks in order; missing stem, stages or blocks are problems."""
     if (0, 0) not in positions:
-        problems.append(f"missing block {_block_prefix('stage0', layout)} (the stem)")
+        problems.append(f"missing block {block_prefix('stage0', layout)} (the stem)")
     stages = sorted({stage for stage, _ in positions if stage > 0})
     for stage in range(1, (stages[-1] if stages else 0) + 1):
         indices = sorted(index for s, index in positions if s == stage)
         if not indices:
-            name = _block_prefix(f"stage{stage}.0", layout).rsplit(".", 1)[0]
+            name = block_prefix(f"stage{stage}.0", layout).rsplit(".", 1)[0]
             problems.append(f"missing stage {name} (stages are numbered without gaps)")
             continue
         for index in range(indices[-1] + 1):
             if index not in indices:
-                name = _block_prefix(f"stage{stage}.{index}", layout)
+                name = block_prefix(f"stage{stage}.{index}", layout)
                 problems.append(f"missing block {name} (blocks are numbered from 0 without gaps)")
     return sorted(positions)
 
@@ -260,9 +124,9 @@ def _branch_arrays(
     """All leaves of a branch, or None (with problems recorded) when some are missing or bad."""
     missing = [leaf for leaf in leaves if leaf not in parts]
     for leaf in missing:
-        problems.append(f"missing key {_block_key(name, branch, leaf, layout)}")
+        problems.append(f"missing key {block_key(name, branch, leaf, layout)}")
     arrays = {
-        leaf: _as_array(parts[leaf], _block_key(name, branch, leaf, layout), problems)
+        leaf: _as_array(parts[leaf], block_key(name, branch, leaf, layout), problems)
         for leaf in leaves
         if leaf in parts
     }
@@ -308,28 +172,28 @@ def _check_block(
     if form == "deploy" and set(branches) - {"reparam"}:
         others = ", ".join(sorted(set(branches) - {"reparam"}))
         problems.append(
-            f"{_block_prefix(name, layout)} mixes the deploy conv "
-            f"({_BRANCHES[layout]['reparam']}) with train-form branches ({others})"
+            f"{block_prefix(name, layout)} mixes the deploy conv "
+            f"({BRANCHES[layout]['reparam']}) with train-form branches ({others})"
         )
         return None
     main_branch = "reparam" if form == "deploy" else "dense"
-    main_leaves = ("kernel", "bias") if form == "deploy" else ("kernel", *_BN_LEAVES)
+    main_leaves = ("kernel", "bias") if form == "deploy" else ("kernel", *BN_LEAVES)
     main = _branch_arrays(
         name, main_branch, branches.get(main_branch, {}), main_leaves, layout, problems
     )
     pointwise = identity = None
     if "pointwise" in branches:
         pointwise = _branch_arrays(
-            name, "pointwise", branches["pointwise"], ("kernel", *_BN_LEAVES), layout, problems
+            name, "pointwise", branches["pointwise"], ("kernel", *BN_LEAVES), layout, problems
         )
     if "identity" in branches:
         identity = _branch_arrays(
-            name, "identity", branches["identity"], _BN_LEAVES, layout, problems
+            name, "identity", branches["identity"], BN_LEAVES, layout, problems
         )
     if main is None:
         return None
     kernel = main["kernel"]
-    kernel_key = _block_key(name, main_branch, "kernel", layout)
+    kernel_key = block_key(name, main_branch, "kernel", layout)
     if kernel.ndim != 4 or kernel.shape[2] != kernel.shape[3] or kernel.shape[2] % 2 == 0:
         problems.append(
             f"shape mismatch: {kernel_key} has shape {kernel.shape}, expected (C_out, "
@@ -350,37 +214,37 @@ def _check_block(
     ok = True
     for leaf in main_leaves[1:]:
         ok &= _expect_shape(
-            main[leaf], (out_channels,), _block_key(name, main_branch, leaf, layout), problems
+            main[leaf], (out_channels,), block_key(name, main_branch, leaf, layout), problems
         )
     if pointwise is not None:
         ok &= _expect_shape(
             pointwise["kernel"],
             (out_channels, per_group, 1, 1),
-            _block_key(name, "pointwise", "kernel", layout),
+            block_key(name, "pointwise", "kernel", layout),
             problems,
             kind="branches disagree",
             note=f" to match {kernel_key} {kernel.shape}",
         )
-        for leaf in _BN_LEAVES:
+        for leaf in BN_LEAVES:
             ok &= _expect_shape(
                 pointwise[leaf],
                 (out_channels,),
-                _block_key(name, "pointwise", leaf, layout),
+                block_key(name, "pointwise", leaf, layout),
                 problems,
             )
     if identity is not None:
         if not spec.has_identity and (in_channels is not None or name == "stage0"):
             problems.append(
-                f"branches disagree: {_block_prefix(name, layout)} has an identity branch but "
+                f"branches disagree: {block_prefix(name, layout)} has an identity branch but "
                 f"maps {channels_in} -> {out_channels} channels with stride {stride}; an identity "
                 "needs C_in == C_out and stride 1"
             )
             ok = False
-        for leaf in _BN_LEAVES:
+        for leaf in BN_LEAVES:
             ok &= _expect_shape(
                 identity[leaf],
                 (out_channels,),
-                _block_key(name, "identity", leaf, layout),
+                block_key(name, "identity", leaf, layout),
                 problems,
             )
     missing_branch = ("pointwise" in branches and pointwise is None) or (
@@ -398,7 +262,7 @@ def _check_block(
 
 def _build_block(checked: _BlockArrays, dtype: np.dtype[Any], eps: float) -> Block:
     def bn(arrays: dict[str, Any]) -> BatchNorm:
-        gamma, beta, mean, var = (np.asarray(arrays[leaf], dtype=dtype) for leaf in _BN_LEAVES)
+        gamma, beta, mean, var = (np.asarray(arrays[leaf], dtype=dtype) for leaf in BN_LEAVES)
         return BatchNorm(gamma, beta, mean, var, eps=eps)
 
     main = checked.arrays["main"]
@@ -473,7 +337,7 @@ def from_state_dict(
     RepVGG(custom, form=deploy, blocks=1, classes=2, dtype=float64, layout=official)
     """
     func = "from_state_dict"
-    chosen = detect_layout(tensors.keys()) if layout is None else _check_layout(layout, func=func)
+    chosen = detect_layout(tensors.keys()) if layout is None else check_layout(layout, func=func)
     expected_arch = None if arch is None else canonical_architecture(arch)
     problems: list[str] = []
     parsed, head = _parse_keys(tensors, chosen, problems)
@@ -523,7 +387,7 @@ def from_state_dict(
 def _branch_head(
     head: dict[str, Any], layout: Layout, features: int | None, problems: list[str]
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]] | None:
-    prefix = _HEAD[layout]
+    prefix = HEAD[layout]
     for leaf in ("weight", "bias"):
         if leaf not in head:
             problems.append(f"missing key {prefix}.{leaf}")
@@ -571,17 +435,17 @@ def to_state_dict(model: RepVGG, *, layout: Layout | None = None) -> Tensors:
     Examples
     --------
     >>> import numpy as np
-    >>> from reparam.repvgg import Architecture
+    >>> from reparam import Architecture
     >>> model = RepVGG.create(Architecture((4,), (1,)), num_classes=2).reparameterize()
     >>> sorted(to_state_dict(model, layout="timm"))
     ['head.fc.bias', 'head.fc.weight', 'stem.reparam_conv.bias', 'stem.reparam_conv.weight']
     """
-    chosen = model.layout if layout is None else _check_layout(layout, func="to_state_dict")
+    chosen = model.layout if layout is None else check_layout(layout, func="to_state_dict")
     tensors: Tensors = {}
     for name, block in model.blocks:
         if isinstance(block, DeployBlock):
-            tensors[_block_key(name, "reparam", "kernel", chosen)] = block.kernel
-            tensors[_block_key(name, "reparam", "bias", chosen)] = block.bias
+            tensors[block_key(name, "reparam", "kernel", chosen)] = block.kernel
+            tensors[block_key(name, "reparam", "bias", chosen)] = block.bias
             continue
         branches: list[tuple[str, Any, BatchNorm | None]] = [
             ("dense", block.dense_kernel, block.dense_bn),
@@ -592,217 +456,12 @@ def to_state_dict(model: RepVGG, *, layout: Layout | None = None) -> Tensors:
             if bn is None:
                 continue
             if kernel is not None:
-                tensors[_block_key(name, branch, "kernel", chosen)] = kernel
-            for leaf, array in zip(_BN_LEAVES, (bn.gamma, bn.beta, bn.mean, bn.var), strict=True):
-                tensors[_block_key(name, branch, leaf, chosen)] = array
-    tensors[f"{_HEAD[chosen]}.weight"] = model.head.weight
-    tensors[f"{_HEAD[chosen]}.bias"] = model.head.bias
+                tensors[block_key(name, branch, "kernel", chosen)] = kernel
+            for leaf, array in zip(BN_LEAVES, (bn.gamma, bn.beta, bn.mean, bn.var), strict=True):
+                tensors[block_key(name, branch, leaf, chosen)] = array
+    tensors[f"{HEAD[chosen]}.weight"] = model.head.weight
+    tensors[f"{HEAD[chosen]}.bias"] = model.head.bias
     return tensors
-
-
-# --------------------------------------------------------------------------- files
-
-
-def _suffix(path: Path, *, func: str, allowed: tuple[str, ...]) -> str:
-    suffix = path.suffix.lower()
-    if suffix not in allowed:
-        raise ReparamError(
-            f"{func}: unknown file format {path.name!r}; got suffix {suffix or '(none)'!r}, "
-            f"expected one of {', '.join(allowed)}"
-        )
-    return suffix
-
-
-def _import_safetensors(func: str) -> Any:
-    try:
-        import safetensors.numpy
-    except ImportError:
-        raise ReparamError(
-            f"{func}: reading and writing .safetensors needs the safetensors package; "
-            "hint: pip install safetensors (or use .npz)"
-        ) from None
-    return safetensors.numpy
-
-
-def _import_torch(func: str) -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise ReparamError(
-            f"{func}: .pth/.pt checkpoints are PyTorch pickles and need PyTorch to read; "
-            "hint: pip install torch, or convert the checkpoint to .safetensors or .npz"
-        ) from None
-    return torch
-
-
-def _unwrap(tensors: Mapping[str, Any]) -> dict[str, Any]:
-    """Unwrap ``{"state_dict": ...}`` / ``{"model": ...}`` containers and a ``module.`` prefix."""
-    current: Mapping[str, Any] = tensors
-    while True:
-        for wrapper in ("state_dict", "model"):
-            inner = current.get(wrapper)
-            if isinstance(inner, Mapping):
-                current = inner
-                break
-        else:
-            break
-    if current and all(str(key).startswith("module.") for key in current):
-        return {str(key).removeprefix("module."): value for key, value in current.items()}
-    return {str(key): value for key, value in current.items()}
-
-
-def _read_pytorch(path: Path, func: str) -> dict[str, Any]:
-    torch = _import_torch(func)
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(raw, Mapping):
-        raise ReparamError(
-            f"{func}: {path.name} holds a {type(raw).__name__}; expected a state dict (a mapping "
-            "of names to tensors)"
-        )
-    converted: dict[str, Any] = {}
-    for key, value in _unwrap(raw).items():
-        if isinstance(value, torch.Tensor):
-            tensor = value.detach().cpu()
-            if tensor.dtype == torch.bfloat16:
-                tensor = tensor.float()
-            converted[key] = tensor.numpy()
-        else:
-            converted[key] = value
-    return converted
-
-
-def read_tensors(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[Any]]:
-    """Read a flat state dict of arrays from ``.npz``, ``.safetensors``, ``.pth`` or ``.pt``.
-
-    Parameters
-    ----------
-    path : str or path-like
-        The checkpoint; the suffix decides the format.
-
-    Returns
-    -------
-    dict of str to ndarray
-        Containers (``state_dict``, ``model``) and a ``module.`` prefix removed.
-
-    Raises
-    ------
-    ReparamError
-        On an unknown suffix, a missing optional package, an entry that is not
-        an array, or a file that cannot be parsed.
-    OSError
-        If the file cannot be opened (e.g. it does not exist).
-    """
-    func = "load"
-    file = Path(path)
-    suffix = _suffix(file, func=func, allowed=CHECKPOINT_SUFFIXES)
-    if not file.is_file():
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(file))
-    try:
-        if suffix == ".npz":
-            with np.load(file, allow_pickle=False) as archive:
-                raw: dict[str, Any] = {key: archive[key] for key in archive.files}
-        elif suffix == ".safetensors":
-            raw = dict(_import_safetensors(func).load_file(str(file)))
-        else:
-            raw = _read_pytorch(file, func)
-    except (ReparamError, OSError):
-        raise
-    except Exception as exc:  # every parser has its own exception types
-        raise ReparamError(
-            f"{func}: cannot read {file.name} as {suffix} ({type(exc).__name__}: {exc}); "
-            "hint: check that the file is complete and has the right suffix"
-        ) from exc
-    tensors = _unwrap(raw)
-    bad = [key for key, value in tensors.items() if not isinstance(value, np.ndarray)]
-    if bad:
-        raise ReparamError(
-            f"{func}: {file.name} has entries that are not tensors: {', '.join(bad[:5])}; "
-            "expected a state dict of tensors only"
-        )
-    return {key: value for key, value in tensors.items() if isinstance(value, np.ndarray)}
-
-
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through ``write`` into a temporary file next to ``path``, then rename it."""
-    directory = path.parent if str(path.parent) else Path(".")
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
-def write_tensors(path: str | os.PathLike[str], tensors: Mapping[str, npt.ArrayLike]) -> None:
-    """Write a flat state dict atomically; the suffix decides the format.
-
-    Parameters
-    ----------
-    path : str or path-like
-        ``.npz``, ``.safetensors`` or ``.pth`` / ``.pt`` (the last needs
-        PyTorch and writes a dict of tensors for ``load_state_dict``).
-    tensors : mapping of str to array_like
-
-    Raises
-    ------
-    ReparamError
-        On an unknown suffix or a missing optional package (nothing is written).
-    OSError
-        If writing fails; no partial file is left behind.
-    """
-    func = "save"
-    file = Path(path)
-    suffix = _suffix(file, func=func, allowed=CHECKPOINT_SUFFIXES)
-    arrays = {key: np.ascontiguousarray(value) for key, value in tensors.items()}
-    if suffix == ".npz":
-
-        def write(stream: IO[bytes]) -> None:
-            np.savez(stream, **arrays)  # type: ignore[arg-type]
-
-    elif suffix == ".safetensors":
-        payload = _import_safetensors(func).save(arrays)
-
-        def write(stream: IO[bytes]) -> None:
-            stream.write(payload)
-
-    else:
-        torch = _import_torch(func)
-        state = {key: torch.from_numpy(np.array(value)) for key, value in arrays.items()}
-
-        def write(stream: IO[bytes]) -> None:
-            buffer = _io.BytesIO()
-            torch.save(state, buffer)
-            stream.write(buffer.getvalue())
-
-    _write_atomic(file, write)
-
-
-def save_array(path: str | os.PathLike[str], array: npt.ArrayLike) -> None:
-    """Write one array to a ``.npy`` file atomically.
-
-    Parameters
-    ----------
-    path : str or path-like
-        Destination ending in ``.npy``.
-    array : array_like
-        Any shape, e.g. logits of shape (N, num_classes); saved without pickle.
-
-    Raises
-    ------
-    ReparamError
-        If the suffix is not ``.npy``.
-    OSError
-        If writing fails; no partial file is left behind.
-    """
-    file = Path(path)
-    _suffix(file, func="save_array", allowed=(".npy",))
-    data = np.asarray(array)
-    _write_atomic(file, lambda stream: np.save(stream, data, allow_pickle=False))
 
 
 def load(
@@ -858,5 +517,5 @@ def save(model: RepVGG, path: str | os.PathLike[str], *, layout: Layout | None =
     OSError
         If writing fails; no partial file is left behind.
     """
-    _suffix(Path(path), func="save", allowed=CHECKPOINT_SUFFIXES)
+    check_suffix(Path(path), func="save", allowed=CHECKPOINT_SUFFIXES)
     write_tensors(path, to_state_dict(model, layout=layout))

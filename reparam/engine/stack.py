@@ -48,8 +48,8 @@ import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._checks import FloatArray, as_float_array, int_pair, positive_int
-from .errors import ReparamError
+from ..core._checks import FloatArray, as_float_array, int_pair, positive_int
+from ..core.errors import ReparamError
 
 __all__ = ["ALGORITHMS", "DeployStack", "choose_algorithm", "winograd_matrices"]
 

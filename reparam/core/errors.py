@@ -12,3 +12,5 @@ class ReparamError(ValueError):
     keep working. Messages follow ``function: problem; got X, expected Y``
     and end with a hint when a fix exists.
     """
+
+    __module__ = "reparam"  # shown in tracebacks as reparam.ReparamError, where users import it

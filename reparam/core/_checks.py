@@ -1,6 +1,6 @@
 """Private input checks shared by the public functions.
 
-Every check raises :class:`~reparam.errors.ReparamError` with a message of
+Every check raises :class:`~reparam.ReparamError` with a message of
 the form ``function: problem; got X, expected Y``.
 """
 
