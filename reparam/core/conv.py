@@ -18,21 +18,159 @@ from ._checks import (
 )
 from .errors import ReparamError
 
-__all__ = ["conv2d", "conv_output_size"]
+__all__ = [
+    "Pads",
+    "avg_pool2d",
+    "centred_padding",
+    "conv2d",
+    "conv_output_size",
+    "normalize_padding",
+    "pad_input",
+]
 
 #: Upper bound on the im2col buffer of one chunk. Large batches (and large
 #: images) are processed in chunks so memory does not grow with the batch.
 COLUMN_BUFFER_BYTES = 32 * 2**20
 
+#: Padding per side, ``((top, bottom), (left, right))``; a negative side crops.
+Pads = tuple[tuple[int, int], tuple[int, int]]
 
-def conv_output_size(size: int, kernel: int, *, stride: int, padding: int, dilation: int) -> int:
-    """Output length along one axis: ``(size + 2p - d(k - 1) - 1) // s + 1``."""
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+def centred_padding(kernel_size: int) -> int:
+    """Return ``K // 2``: the padding that keeps an odd ``K``-tap kernel centred.
+
+    Examples
+    --------
+    >>> centred_padding(3), centred_padding(31)
+    (1, 15)
+    """
+    return kernel_size // 2
+
+
+def conv_output_size(
+    size: int, kernel: int, *, stride: int, padding: int | tuple[int, int], dilation: int = 1
+) -> int:
+    """Output length along one axis: ``(size + p_before + p_after - d(k - 1) - 1) // s + 1``.
+
+    ``padding`` is one int (both sides) or a ``(before, after)`` pair.
+    """
+    before, after = (padding, padding) if isinstance(padding, int) else padding
+    return (size + before + after - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def normalize_padding(padding: Any, *, func: str, name: str = "padding") -> Pads:
+    """Turn ``p``, ``(ph, pw)`` or ``((top, bottom), (left, right))`` into per-side pairs.
+
+    Negative values are allowed and mean a crop of that many rows or columns.
+
+    Examples
+    --------
+    >>> normalize_padding(1, func="f"), normalize_padding((1, 0), func="f")
+    (((1, 1), (1, 1)), ((1, 1), (0, 0)))
+    >>> normalize_padding(((0, 1), (2, -1)), func="f")
+    ((0, 1), (2, -1))
+    """
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+    if is_int(padding):
+        return ((int(padding), int(padding)), (int(padding), int(padding)))
+    try:
+        items = tuple(padding)
+    except TypeError:
+        items = ()
+    if len(items) == 2 and all(is_int(v) for v in items):
+        h, w = int(items[0]), int(items[1])
+        return ((h, h), (w, w))
+    if len(items) == 2:
+        pairs = []
+        for axis in items:
+            try:
+                pair = tuple(axis)
+            except TypeError:
+                pair = ()
+            if len(pair) != 2 or not all(is_int(v) for v in pair):
+                break
+            pairs.append((int(pair[0]), int(pair[1])))
+        else:
+            return (pairs[0], pairs[1])
+    raise ReparamError(
+        f"{func}: {name} must be an int, a pair (ph, pw) or ((top, bottom), (left, right)); "
+        f"got {padding!r}"
+    )
+
+
+def _pad_values(value: Any, channels: int, *, func: str) -> FloatArray | None:
+    """None for zero padding, else one padding value per channel (float64)."""
+    if value is None:
+        return None
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim == 0:
+        return None if float(array) == 0.0 else np.full(channels, float(array))
+    if array.shape != (channels,):
+        raise ReparamError(
+            f"{func}: pad_value must be a scalar or one value per input channel; got shape "
+            f"{array.shape}, expected ({channels},)"
+        )
+    if not np.isfinite(array).all():
+        raise ReparamError(f"{func}: pad_value must be finite; got {array}")
+    return None if not array.any() else array
+
+
+def pad_input(x: FloatArray, pads: Pads, pad_value: FloatArray | None = None) -> FloatArray:
+    """Pad (positive sides) and crop (negative sides) the spatial axes of an NCHW array.
+
+    ``pad_value`` is None (zeros) or one value per channel. Always returns a
+    new array (never a view of ``x``).
+    """
+    (top, bottom), (left, right) = pads
+    height, width = x.shape[2:]
+    cropped = x[
+        :, :, max(0, -top) : height - max(0, -bottom), max(0, -left) : width - max(0, -right)
+    ]
+    grow = ((0, 0), (0, 0), (max(0, top), max(0, bottom)), (max(0, left), max(0, right)))
+    if pad_value is None:
+        return np.pad(cropped, grow)
+    out = np.empty(
+        (
+            x.shape[0],
+            x.shape[1],
+            cropped.shape[2] + grow[2][0] + grow[2][1],
+            cropped.shape[3] + grow[3][0] + grow[3][1],
+        ),
+        dtype=x.dtype,
+    )
+    out[...] = pad_value.astype(x.dtype)[None, :, None, None]
+    out[
+        :, :, grow[2][0] : grow[2][0] + cropped.shape[2], grow[3][0] : grow[3][0] + cropped.shape[3]
+    ] = cropped
+    return out
 
 
 def _compute_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
     """NumPy has no fast float16 matmul: float16 is computed in float32."""
     return np.promote_types(dtype, np.float32)
+
+
+def _check_span(
+    span: tuple[int, int], size: tuple[int, int], pads: Pads, *, func: str, what: str
+) -> None:
+    padded = tuple(n + before + after for n, (before, after) in zip(size, pads, strict=True))
+    if padded[0] < 1 or padded[1] < 1 or span[0] > padded[0] or span[1] > padded[1]:
+        raise ReparamError(
+            f"{func}: {what} is larger than the padded input; got a window spanning "
+            f"{span[0]}x{span[1]} and a padded input of {padded[0]}x{padded[1]}, expected the "
+            "window to fit"
+        )
+
+
+def _windows(
+    padded: FloatArray, span: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+) -> FloatArray:
+    """Every receptive field as a read-only view: (n, C, out_h, out_w, k_h, k_w)."""
+    windows = sliding_window_view(padded, span, axis=(2, 3))
+    return windows[:, :, :: stride[0], :: stride[1], :: dilation[0], :: dilation[1]]
 
 
 def conv2d(
@@ -41,16 +179,17 @@ def conv2d(
     bias: npt.ArrayLike | None = None,
     *,
     stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 0,
+    padding: int | tuple[int, int] | Pads = 0,
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
+    pad_value: float | npt.ArrayLike | None = None,
 ) -> FloatArray:
     """2-D cross-correlation (a deep-learning "convolution") of an NCHW batch.
 
     ``y[n, o, i, j] = b[o] + sum_{c, u, v} x_pad[n, g*Cg + c, i*sh + u*dh, j*sw + v*dw]
     * W[o, c, u, v]`` where ``g = o // (C_out / groups)`` is the output
-    channel's group, ``Cg = C_in / groups`` and ``x_pad`` is ``x`` zero-padded
-    by ``padding`` on each side.
+    channel's group, ``Cg = C_in / groups`` and ``x_pad`` is ``x`` padded by
+    ``padding`` (with zeros, or with ``pad_value`` per channel).
 
     Parameters
     ----------
@@ -60,25 +199,31 @@ def conv2d(
         Weights in OIHW layout.
     bias : array_like, shape (C_out,), optional
         Added to every output pixel of its channel.
-    stride, padding, dilation : int or (int, int)
-        Per axis (height, width). Stride and dilation >= 1, padding >= 0
-        (zero padding on both sides).
+    stride, dilation : int or (int, int)
+        Per axis (height, width), each >= 1.
+    padding : int, (int, int) or ((int, int), (int, int))
+        Both sides of both axes, both sides per axis ``(ph, pw)``, or every
+        side ``((top, bottom), (left, right))``. A negative side crops the
+        input instead (ACNet's asymmetric branches do that).
     groups : int, default 1
         Must divide ``C_in`` and ``C_out``. ``groups == C_in`` is depthwise.
+    pad_value : float or array_like of shape (C_in,), optional
+        What the padded border holds, per input channel; zero by default.
+        (Diverse Branch Block pads with a BatchNorm's output at zero input.)
 
     Returns
     -------
     ndarray, shape (N, C_out, H_out, W_out)
         A new array of ``np.result_type(x, kernel, bias)``, with
-        ``H_out = (H + 2p - d(kH - 1) - 1) // s + 1`` (likewise ``W_out``).
+        ``H_out = (H + top + bottom - d(kH - 1) - 1) // s + 1`` (likewise ``W_out``).
 
     Raises
     ------
     ReparamError
         On a non-floating or wrongly ranked input, channels that do not match
-        the kernel and ``groups``, a bias of the wrong length, stride or
-        dilation < 1, padding < 0, or a (dilated) kernel larger than the
-        padded input.
+        the kernel and ``groups``, a bias or pad value of the wrong length,
+        stride or dilation < 1, malformed padding, or a (dilated) kernel
+        larger than the padded input.
 
     Notes
     -----
@@ -94,13 +239,15 @@ def conv2d(
     >>> conv2d(x, np.ones((1, 1, 2, 2)), stride=2)[0, 0]
     array([[10., 18.],
            [42., 50.]])
+    >>> conv2d(np.zeros((1, 1, 1, 1)), np.ones((1, 1, 3, 3)), padding=1, pad_value=2.0)[0, 0]
+    array([[16.]])
     """
     func = "conv2d"
     inputs = as_float_array(x, func=func, name="x", ndim=4)
     weights = as_float_array(kernel, func=func, name="kernel", ndim=4)
     groups = positive_int(groups, func=func, name="groups")
     stride_h, stride_w = int_pair(stride, func=func, name="stride", minimum=1)
-    pad_h, pad_w = int_pair(padding, func=func, name="padding", minimum=0)
+    pads = normalize_padding(padding, func=func)
     dil_h, dil_w = int_pair(dilation, func=func, name="dilation", minimum=1)
     batch, in_channels, height, width = inputs.shape
     out_channels, per_group, kernel_h, kernel_w = weights.shape
@@ -112,6 +259,7 @@ def conv2d(
             f"C_in // groups = {per_group} with groups={groups}; got x.shape[1]={in_channels}, "
             f"expected {per_group * groups}"
         )
+    values = _pad_values(pad_value, in_channels, func=func)
     arrays: list[Any] = [inputs, weights]
     if bias is not None:
         bias_array = bias_vector(
@@ -119,34 +267,27 @@ def conv2d(
         )
         arrays.append(bias_array)
     span_h, span_w = dil_h * (kernel_h - 1) + 1, dil_w * (kernel_w - 1) + 1
-    if span_h > height + 2 * pad_h or span_w > width + 2 * pad_w:
-        raise ReparamError(
-            f"{func}: kernel is larger than the padded input; got a kernel spanning "
-            f"{span_h}x{span_w} (dilation {dil_h}x{dil_w}) and a padded input of "
-            f"{height + 2 * pad_h}x{width + 2 * pad_w}, expected the span to fit"
-        )
+    _check_span((span_h, span_w), (height, width), pads, func=func, what="kernel")
     result_dtype = np.result_type(*arrays)
     compute = _compute_dtype(result_dtype)
-    out_h = conv_output_size(height, kernel_h, stride=stride_h, padding=pad_h, dilation=dil_h)
-    out_w = conv_output_size(width, kernel_w, stride=stride_w, padding=pad_w, dilation=dil_w)
+    out_h = conv_output_size(height, kernel_h, stride=stride_h, padding=pads[0], dilation=dil_h)
+    out_w = conv_output_size(width, kernel_w, stride=stride_w, padding=pads[1], dilation=dil_w)
     out_per_group = out_channels // groups
     taps = per_group * kernel_h * kernel_w
     # (groups, taps, out_per_group): each group's kernels as the columns of a matrix
     matrix = weights.astype(compute).reshape(groups, out_per_group, taps).transpose(0, 2, 1)
     output = np.empty((batch, out_channels, out_h, out_w), dtype=compute)
 
-    padded = np.pad(
-        inputs.astype(compute, copy=False), ((0, 0), (0, 0), (pad_h, pad_h), (pad_w, pad_w))
-    )
+    padded = pad_input(inputs.astype(compute, copy=False), pads, values)
     bytes_per_row = out_w * in_channels * kernel_h * kernel_w * compute.itemsize
     rows_per_chunk = max(1, COLUMN_BUFFER_BYTES // max(1, bytes_per_row))
     images_per_chunk = max(1, rows_per_chunk // max(1, out_h))
     rows_per_chunk = min(rows_per_chunk, out_h)
     for start in range(0, batch, images_per_chunk):
         stop = min(batch, start + images_per_chunk)
-        windows = sliding_window_view(padded[start:stop], (span_h, span_w), axis=(2, 3))
-        # (n, C_in, out_h, out_w, kernel_h, kernel_w) after stride and dilation
-        windows = windows[:, :, ::stride_h, ::stride_w, ::dil_h, ::dil_w]
+        windows = _windows(
+            padded[start:stop], (span_h, span_w), (stride_h, stride_w), (dil_h, dil_w)
+        )
         for row in range(0, out_h, rows_per_chunk):
             row_stop = min(out_h, row + rows_per_chunk)
             output[start:stop, :, row:row_stop] = _conv_chunk(
@@ -155,6 +296,72 @@ def conv2d(
     if bias is not None:
         output += bias_array.astype(compute)[:, None, None]
     return output.astype(result_dtype, copy=False)
+
+
+def avg_pool2d(
+    x: npt.ArrayLike,
+    size: int | tuple[int, int],
+    *,
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] | Pads = 0,
+    count_include_pad: bool = True,
+) -> FloatArray:
+    """Average pooling of an NCHW batch, each channel on its own.
+
+    Parameters
+    ----------
+    x : array_like, shape (N, C, H, W)
+    size : int or (int, int)
+        Window height and width.
+    stride : int or (int, int), optional
+        The window size by default (as in PyTorch).
+    padding : int, (int, int) or ((int, int), (int, int))
+        Zero padding per side, as in :func:`conv2d`.
+    count_include_pad : bool, default True
+        Divide by the whole window (padded zeros included), as PyTorch's
+        default; False divides by the number of real pixels under the window.
+
+    Returns
+    -------
+    ndarray, shape (N, C, H_out, W_out)
+        In ``x``'s dtype, sizes as in :func:`conv2d`.
+
+    Raises
+    ------
+    ReparamError
+        On a non-floating or non-4-D input, a non-positive size or stride,
+        malformed padding, or a window larger than the padded input.
+
+    Notes
+    -----
+    With ``count_include_pad=True`` this is the depthwise convolution with a
+    ``1 / (kH * kW)`` kernel, and that is what it computes here.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> avg_pool2d(np.arange(16.0).reshape(1, 1, 4, 4), 2)[0, 0]
+    array([[ 2.5,  4.5],
+           [10.5, 12.5]])
+    """
+    func = "avg_pool2d"
+    inputs = as_float_array(x, func=func, name="x", ndim=4)
+    size_h, size_w = int_pair(size, func=func, name="size", minimum=1)
+    stride_pair = (size_h, size_w) if stride is None else stride
+    stride_h, stride_w = int_pair(stride_pair, func=func, name="stride", minimum=1)
+    pads = normalize_padding(padding, func=func)
+    _check_span((size_h, size_w), inputs.shape[2:], pads, func=func, what="pooling window")
+    compute = _compute_dtype(inputs.dtype)
+    padded = pad_input(inputs.astype(compute, copy=False), pads)
+    windows = _windows(padded, (size_h, size_w), (stride_h, stride_w), (1, 1))
+    total = windows.sum(axis=(4, 5))
+    if count_include_pad:
+        result = total / compute.type(size_h * size_w)
+    else:
+        ones = pad_input(np.ones((1, 1, *inputs.shape[2:]), dtype=compute), pads)
+        counts = _windows(ones, (size_h, size_w), (stride_h, stride_w), (1, 1)).sum(axis=(4, 5))
+        result = total / counts
+    return np.asarray(result, dtype=inputs.dtype)
 
 
 def _conv_chunk(windows: FloatArray, matrix: FloatArray, *, groups: int) -> FloatArray:

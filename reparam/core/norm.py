@@ -57,8 +57,7 @@ def batch_norm(x: npt.ArrayLike, bn: BatchNorm) -> FloatArray:
         )
     dtype = np.result_type(inputs, bn.dtype)
     axes = (slice(None),) + (None,) * (inputs.ndim - 2)
-    scale = bn.gamma.astype(np.float64) / np.sqrt(bn.var.astype(np.float64) + bn.eps)
     centred = inputs.astype(dtype) - bn.mean.astype(dtype)[axes]
-    result: FloatArray = centred * scale.astype(dtype)[axes]
+    result: FloatArray = centred * bn.scale(dtype)[axes]
     result += bn.beta.astype(dtype)[axes]
     return result

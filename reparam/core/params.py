@@ -265,6 +265,38 @@ class BatchNorm:
         """Common dtype of the four arrays."""
         return self.gamma.dtype
 
+    def scale(self, dtype: npt.DTypeLike | None = None) -> FloatArray:
+        """Return ``gamma / sqrt(var + eps)`` per channel, computed in float64, rounded once.
+
+        Parameters
+        ----------
+        dtype : dtype, optional
+            Of the result; the BatchNorm's own dtype by default.
+
+        Returns
+        -------
+        ndarray, shape (C,)
+        """
+        factor = self.gamma.astype(np.float64) / np.sqrt(self.var.astype(np.float64) + self.eps)
+        return factor.astype(self.dtype if dtype is None else dtype)
+
+    def output_at_zero(self, dtype: npt.DTypeLike | None = None) -> FloatArray:
+        """Return the output for a zero input: ``beta - mean * gamma / sqrt(var + eps)``.
+
+        Computed in float64 and rounded once. Diverse Branch Block pads with
+        this value after a BatchNorm, so that the padding can move in front of
+        the convolution before it (see :class:`reparam.core.algebra.Pad`).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> BatchNorm(np.array([2.0]), np.array([1.0]), np.array([3.0]), np.array([4.0]),
+        ...           eps=0.0).output_at_zero()
+        array([-2.])
+        """
+        value = self.beta.astype(np.float64) - self.mean.astype(np.float64) * self.scale(np.float64)
+        return value.astype(self.dtype if dtype is None else dtype)
+
     def astype(self, dtype: npt.DTypeLike) -> BatchNorm:
         """Return a copy whose arrays have ``dtype`` (eps unchanged)."""
         return BatchNorm(
