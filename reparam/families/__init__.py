@@ -1,1 +1,110 @@
-"""placeholder"""
+"""The published block families, one module each, read from their own state-dict keys.
+
+>>> import numpy as np, reparam
+>>> rng = np.random.default_rng(0)
+>>> bn = lambda c: {"weight": rng.uniform(0.5, 1.5, c), "bias": rng.normal(size=c),
+...                 "running_mean": rng.normal(size=c), "running_var": rng.uniform(0.5, 2, c)}
+>>> state = {f"lkb_origin.conv.weight": rng.normal(size=(4, 1, 13, 13)),
+...          f"small_conv.conv.weight": rng.normal(size=(4, 1, 5, 5))}
+>>> state |= {f"{p}.bn.{k}": v for p in ("lkb_origin", "small_conv") for k, v in bn(4).items()}
+>>> block = reparam.families.from_state_dict(
+...     "ReparamLargeKernelConv", state, in_channels=4, out_channels=4, kernel_size=13,
+...     stride=1, groups=4, small_kernel=5)
+>>> conv = block.reparameterize()
+>>> conv.kernel.shape, conv.padding, conv.groups
+((4, 1, 13, 13), (6, 6), 4)
+>>> x = rng.normal(size=(2, 4, 16, 20))
+>>> bool(np.abs(block(x) - conv(x)).max() < 1e-12 * np.abs(block.magnitude(x)).max())
+True
+
+A new family is one module that builds its tree and registers a
+:class:`~reparam.families.base.Family`, plus one line in ``_MODULES`` below.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ..core.errors import ReparamError
+from .base import (
+    FAMILIES,
+    REQUIRED,
+    Family,
+    FamilyBlock,
+    StateReader,
+    register_family,
+    resolve_config,
+)
+
+__all__ = [
+    "FAMILIES",
+    "REQUIRED",
+    "Family",
+    "FamilyBlock",
+    "from_state_dict",
+    "register_family",
+]
+
+#: The family modules; each defines ``FAMILY`` (and may define more, e.g. ``FAMILY_V2``).
+_MODULES = ("repvgg", "dbb", "acnet", "mobileone", "replknet", "qarepvgg")
+
+for _module in _MODULES:
+    _loaded = importlib.import_module(f"{__name__}.{_module}")
+    for _attribute in sorted(dir(_loaded)):
+        if _attribute.startswith("FAMILY") and isinstance(getattr(_loaded, _attribute), Family):
+            register_family(getattr(_loaded, _attribute))
+
+
+def from_state_dict(
+    name: str, state: Mapping[str, Any], *, eps: float = 1e-5, **config: Any
+) -> FamilyBlock:
+    """Read one published block from its own state dict and constructor arguments.
+
+    Parameters
+    ----------
+    name : str
+        The published class name: ``"RepVGGBlock"``, ``"DiverseBranchBlock"``,
+        ``"ACBlock"``, ``"MobileOneBlock"``, ``"ReparamLargeKernelConv"``,
+        ``"QARepVGGBlock"``, ``"QARepVGGBlockV2"`` (see :data:`FAMILIES`).
+    state : mapping of str to array_like
+        The block's state-dict entries without a prefix (``rbr_dense.conv.weight``,
+        ...); ``num_batches_tracked`` may be present and is ignored. Arrays or
+        CPU tensors.
+    eps : float, default 1e-5
+        Every BatchNorm's epsilon (PyTorch's default; YOLOv6 models use 1e-3).
+    **config
+        The published constructor's keyword arguments (``in_channels``,
+        ``out_channels``, ``kernel_size``, ``stride``, ``padding``, ``groups``
+        and the family's own).
+
+    Returns
+    -------
+    FamilyBlock
+        ``block(x)`` runs the train form on an NCHW batch (output before the
+        block's activation); ``block.reparameterize()`` returns the one
+        :class:`~reparam.core.algebra.FoldedConv` (``.kernel``, ``.bias``,
+        ``.stride``, ``.padding``, ``.groups``; callable). float32 state gives a
+        float32 conv, computed in float64 and rounded once.
+
+    Raises
+    ------
+    ReparamError
+        One error for an unknown name, an unknown or missing option, or all
+        the missing, unexpected and mis-shaped keys of the state together.
+    """
+    family = FAMILIES.get(name)
+    if family is None:
+        raise ReparamError(
+            f"families.from_state_dict: unknown block {name!r}; expected one of "
+            + ", ".join(FAMILIES)
+        )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ReparamError(f"{name}: eps must be a finite number >= 0; got {eps!r}")
+    resolved = resolve_config(family, config)
+    reader = StateReader(family.name, state, eps=float(eps))
+    tree = family.build(reader, resolved)
+    reader.finish()
+    return FamilyBlock(family, resolved, tree, float(eps))

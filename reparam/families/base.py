@@ -1,0 +1,371 @@
+"""What every family module shares: the registry, the block object, and a checked state reader.
+
+A family is one published block class. Its module says, once, how the
+block's published state-dict keys and constructor arguments become a tree of
+the branch algebra (:mod:`reparam.core.algebra`); everything else (running
+the train form, folding, counting, the deploy keys) walks that tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from ..core._checks import FloatArray
+from ..core.algebra import FoldedConv, Node, evaluate, fold, magnitude, multiply_adds
+from ..core.algebra import num_parameters as tree_parameters
+from ..core.errors import ReparamError
+from ..core.params import BatchNorm
+
+__all__ = [
+    "FAMILIES",
+    "REQUIRED",
+    "Channels",
+    "Family",
+    "FamilyBlock",
+    "StateReader",
+    "register_family",
+]
+
+
+class _Required:
+    """Marks a constructor argument without a default."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+#: The default of a constructor argument the published class requires.
+REQUIRED: Any = _Required()
+
+Config = dict[str, Any]
+Builder = Callable[["StateReader", Config], Node]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One published block class: how to read it and where its fused conv goes.
+
+    Attributes
+    ----------
+    name : str
+        The published class name, e.g. ``"DiverseBranchBlock"``.
+    options : dict of str to default
+        The published constructor's keyword arguments and their defaults
+        (:data:`REQUIRED` where it has none).
+    build : callable
+        ``build(reader, config) -> Node``: reads the state through ``reader``
+        and returns the train-form tree.
+    deploy_prefix : str
+        The published deploy module's name (``"rbr_reparam"``, ...): the fused
+        conv is stored as ``{deploy_prefix}.weight`` and ``.bias``.
+    source : str
+        Where the block is published.
+    """
+
+    name: str
+    options: dict[str, Any]
+    build: Builder
+    deploy_prefix: str
+    source: str
+
+
+#: Every registered family, by published class name.
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Add a family to :data:`FAMILIES` (one entry per published class name).
+
+    Raises
+    ------
+    ReparamError
+        If the name is taken.
+    """
+    if family.name in FAMILIES:
+        raise ReparamError(f"register_family: {family.name!r} is registered already")
+    FAMILIES[family.name] = family
+    return family
+
+
+class StateReader:
+    """Reads a block's state dict, checking every key against the shape the config implies.
+
+    Problems (missing, mis-shaped or non-floating tensors, bad BatchNorm
+    values) are collected rather than raised one at a time; :meth:`finish`
+    reports them, and every key that was never read, in one
+    :class:`~reparam.ReparamError`. Missing arrays read as zeros meanwhile,
+    so building can go on to find the other problems.
+
+    Parameters
+    ----------
+    family : str
+        For messages.
+    state : mapping of str to array_like
+        The block's own keys (no prefix); ``num_batches_tracked`` is ignored.
+    eps : float
+        BatchNorm epsilon (not stored in state dicts).
+    """
+
+    def __init__(self, family: str, state: Mapping[str, Any], *, eps: float) -> None:
+        if not isinstance(state, Mapping):
+            raise ReparamError(
+                f"{family}: state must be a mapping of key names to arrays; got "
+                f"{type(state).__name__}"
+            )
+        self.family = family
+        self.eps = eps
+        self._state = {str(key): value for key, value in state.items()}
+        self._used: set[str] = set()
+        self._problems: list[str] = []
+        floating = [
+            np.asarray(value).dtype
+            for key, value in self._state.items()
+            if not key.endswith("num_batches_tracked")
+            and np.issubdtype(np.asarray(value).dtype, np.floating)
+        ]
+        self.dtype: np.dtype[Any] = np.result_type(*floating) if floating else np.dtype(np.float64)
+
+    def array(self, key: str, shape: tuple[int, ...]) -> FloatArray:
+        """Return the array at ``key``, which must have ``shape`` (zeros, recorded, when not)."""
+        self._used.add(key)
+        if key not in self._state:
+            self._problems.append(f"missing key {key} (expected shape {shape})")
+            return np.zeros(shape, dtype=self.dtype)
+        try:
+            value = np.asarray(self._state[key])
+        except Exception as exc:  # e.g. a tensor that needs .detach() first
+            self._problems.append(f"{key} cannot be read as an array ({exc})")
+            return np.zeros(shape, dtype=self.dtype)
+        if not np.issubdtype(value.dtype, np.floating):
+            self._problems.append(f"{key} has dtype {value.dtype}; expected a floating dtype")
+            return np.zeros(shape, dtype=self.dtype)
+        if value.shape != shape:
+            self._problems.append(
+                f"shape mismatch: {key} has shape {value.shape}, expected {shape}"
+            )
+            return np.zeros(shape, dtype=self.dtype)
+        return value
+
+    def bn(self, prefix: str, channels: int, *, affine: bool = True) -> BatchNorm:
+        """Return the BatchNorm stored under ``prefix`` (weight, bias, running statistics).
+
+        ``affine=False`` reads a BatchNorm without ``weight`` and ``bias``
+        (gamma 1, beta 0), as PyTorch stores ``BatchNorm2d(affine=False)``.
+        """
+        shape = (channels,)
+        mean = self.array(f"{prefix}.running_mean", shape)
+        var = self.array(f"{prefix}.running_var", shape)
+        if affine:
+            gamma = self.array(f"{prefix}.weight", shape)
+            beta = self.array(f"{prefix}.bias", shape)
+        else:
+            gamma, beta = np.ones(shape, dtype=mean.dtype), np.zeros(shape, dtype=mean.dtype)
+        try:
+            return BatchNorm(gamma, beta, mean, var, eps=self.eps)
+        except ReparamError as exc:
+            self._problems.append(f"{prefix}: {exc}")
+            ones = np.ones(shape, dtype=self.dtype)
+            return BatchNorm(ones, ones * 0, ones * 0, ones, eps=self.eps)
+
+    def problem(self, text: str) -> None:
+        """Record a problem found while building."""
+        self._problems.append(text)
+
+    def finish(self) -> None:
+        """Raise one error listing every problem and every key that was not read.
+
+        Raises
+        ------
+        ReparamError
+            ``"{family}: 2 problems in the state dict: missing key ...; unexpected key ..."``.
+        """
+        unexpected = [
+            f"unexpected key {key}"
+            for key in self._state
+            if key not in self._used and not key.endswith("num_batches_tracked")
+        ]
+        problems = self._problems + unexpected
+        if problems:
+            shown = problems[:8] + ([f"and {len(problems) - 8} more"] if len(problems) > 8 else [])
+            raise ReparamError(
+                f"{self.family}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the "
+                "state dict: " + "; ".join(shown)
+            )
+
+
+@dataclass(frozen=True, eq=False)
+class FamilyBlock:
+    """A published block read from its state dict: its train form as a tree.
+
+    Calling it runs the train form (output before the block's activation);
+    :meth:`reparameterize` folds it into one convolution. Made by
+    :func:`reparam.families.from_state_dict`.
+
+    Attributes
+    ----------
+    family : Family
+    config : dict
+        Every constructor argument, defaults filled in.
+    tree : Node
+        The train form in the branch algebra.
+    eps : float
+        The BatchNorm epsilon used.
+    """
+
+    family: Family
+    config: dict[str, Any]
+    tree: Node
+    eps: float
+    _fold_cache: dict[str, FoldedConv] = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        """The published class name."""
+        return self.family.name
+
+    def __call__(self, x: npt.ArrayLike) -> FloatArray:
+        """Run the train form on an NCHW batch (the output before the block's activation)."""
+        try:
+            return evaluate(self.tree, x)
+        except ReparamError as exc:
+            raise ReparamError(f"{self.name}: {exc}") from None
+
+    def reparameterize(self) -> FoldedConv:
+        """Return the single convolution with bias that computes the same (cached).
+
+        Raises
+        ------
+        ReparamError
+            If the configuration does not fold (the message says why).
+        """
+        if "conv" not in self._fold_cache:
+            try:
+                self._fold_cache["conv"] = fold(self.tree)
+            except ReparamError as exc:
+                raise ReparamError(f"{self.name}: {exc}") from None
+        return self._fold_cache["conv"]
+
+    def deploy_state(self) -> dict[str, FloatArray]:
+        """Return the fused conv under the published deploy module's key names."""
+        conv = self.reparameterize()
+        prefix = self.family.deploy_prefix
+        return {f"{prefix}.weight": conv.kernel, f"{prefix}.bias": conv.bias}
+
+    def magnitude(self, x: npt.ArrayLike) -> FloatArray:
+        """Return the magnitude of the summed terms (:func:`reparam.core.algebra.magnitude`)."""
+        return magnitude(self.tree, x)
+
+    @property
+    def num_parameters(self) -> int:
+        """Train-form parameters: kernels, biases, BatchNorm gamma and beta."""
+        return tree_parameters(self.tree)
+
+    def multiply_adds(self, height: int, width: int) -> int:
+        """Train-form multiply-adds for one ``height x width`` image."""
+        return multiply_adds(self.tree, height, width)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{key}={value!r}" for key, value in self.config.items())
+        return f"{self.name}({shown})"
+
+
+def resolve_config(family: Family, config: Mapping[str, Any]) -> Config:
+    """Fill in defaults, and refuse unknown or missing constructor arguments.
+
+    Raises
+    ------
+    ReparamError
+        Naming the unknown options (and listing the known ones) or the
+        missing required ones.
+    """
+    unknown = sorted(set(config) - set(family.options))
+    if unknown:
+        raise ReparamError(
+            f"{family.name}: unknown option{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(unknown)}; expected some of {', '.join(family.options)}"
+        )
+    resolved = {key: config.get(key, default) for key, default in family.options.items()}
+    missing = [key for key, value in resolved.items() if value is REQUIRED]
+    if missing:
+        raise ReparamError(
+            f"{family.name}: missing required option{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(missing)} (the published constructor has no default)"
+        )
+    return resolved
+
+
+def iter_families() -> Iterator[Family]:
+    """Iterate over the registered families in registration order."""
+    return iter(FAMILIES.values())
+
+
+# --------------------------------------------------------------------------- building helpers
+
+
+def whole(config: Config, key: str, family: str, *, minimum: int = 1) -> int:
+    """``config[key]`` as an int >= ``minimum``, or an error naming the option."""
+    value = config[key]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ReparamError(f"{family}: {key} must be an integer; got {value!r}")
+    if value < minimum:
+        raise ReparamError(f"{family}: {key} must be >= {minimum}; got {value}")
+    return int(value)
+
+
+def refuse(config: Config, family: str, **unsupported: tuple[Any, str]) -> None:
+    """Refuse options whose value is not the one reparam can fold.
+
+    ``unsupported`` maps an option to ``(the foldable value, why)``.
+    """
+    for key, (allowed, why) in unsupported.items():
+        if config[key] != allowed:
+            raise ReparamError(
+                f"{family}: {key}={config[key]!r} is not supported; expected {allowed!r} ({why})"
+            )
+
+
+def check_groups(family: str, groups: int, *channels: tuple[str, int]) -> None:
+    """Refuse ``groups`` that do not divide each named channel count."""
+    for name, count in channels:
+        if count % groups:
+            raise ReparamError(
+                f"{family}: groups={groups} does not divide {name}={count}; expected a divisor"
+            )
+
+
+class Channels(NamedTuple):
+    """A convolution's input and output channels and groups."""
+
+    in_channels: int
+    out_channels: int
+    groups: int
+
+
+def conv_bn(
+    reader: StateReader,
+    prefix: str,
+    channels: Channels,
+    *,
+    kernel: tuple[int, int],
+    stride: int,
+    padding: Any,
+    conv: str = "conv",
+    bn: str = "bn",
+    affine: bool = True,
+) -> Node:
+    """Build the ``{prefix}.conv`` (no bias) then ``{prefix}.bn`` pair most families use."""
+    from ..core.algebra import Conv, Norm, Sequential
+
+    in_channels, out_channels, groups = channels
+    dot = f"{prefix}." if prefix else ""
+    weight = reader.array(f"{dot}{conv}.weight", (out_channels, in_channels // groups, *kernel))
+    return Sequential(
+        Conv(weight, stride=stride, padding=padding, groups=groups, name=f"{dot}{conv}"),
+        Norm(reader.bn(f"{dot}{bn}", out_channels, affine=affine), name=f"{dot}{bn}"),
+        name=prefix,
+    )

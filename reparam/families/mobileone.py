@@ -1,0 +1,92 @@
+"""MobileOne's block (Vasu et al., CVPR 2023): k parallel conv+BN, a 1x1 scale branch, identity.
+
+Published as ``MobileOneBlock`` in apple/ml-mobileone (``mobileone.py``).
+``rbr_conv.{i}`` for ``i < num_conv_branches`` (kxk conv + BN at the
+block's padding), ``rbr_scale`` (1x1 conv + BN at padding 0, only when
+``kernel_size > 1``), ``rbr_skip`` (a BatchNorm, only when
+``in_channels == out_channels`` and ``stride == 1``). The published
+converter pads the scale kernel by ``kernel_size // 2`` whatever ``padding``
+is, so the block is only consistent with ``padding == kernel_size // 2``.
+Deploy key: ``reparam_conv``.
+"""
+
+from __future__ import annotations
+
+from ..core.algebra import Node, Norm, Parallel
+from ..core.errors import ReparamError
+from .base import (
+    REQUIRED,
+    Channels,
+    Config,
+    Family,
+    StateReader,
+    check_groups,
+    conv_bn,
+    refuse,
+    whole,
+)
+
+__all__ = ["FAMILY", "mobileone_tree"]
+
+NAME = "MobileOneBlock"
+
+
+def mobileone_tree(reader: StateReader, config: Config) -> Node:
+    """Build the train form: ``scale + skip + sum_i conv_i``."""
+    refuse(
+        config,
+        NAME,
+        inference_mode=(False, "an inference block is one conv already; read reparam_conv"),
+        use_se=(False, "squeeze-and-excitation is not linear"),
+    )
+    in_channels = whole(config, "in_channels", NAME)
+    out_channels = whole(config, "out_channels", NAME)
+    size = whole(config, "kernel_size", NAME)
+    stride = whole(config, "stride", NAME)
+    padding = whole(config, "padding", NAME, minimum=0)
+    groups = whole(config, "groups", NAME)
+    count = whole(config, "num_conv_branches", NAME, minimum=0)
+    check_groups(NAME, groups, ("in_channels", in_channels), ("out_channels", out_channels))
+    if size > 1 and padding != size // 2:
+        raise ReparamError(
+            f"{NAME}: padding={padding} with kernel_size={size}: the scale branch (1x1, padding "
+            f"0) gives a different output size, so the published block does not run; expected "
+            f"padding={size // 2}"
+        )
+    common = Channels(in_channels, out_channels, groups)
+    branches: list[Node] = []
+    if size > 1:
+        branches.append(
+            conv_bn(reader, "rbr_scale", common, kernel=(1, 1), stride=stride, padding=0)
+        )
+    if in_channels == out_channels and stride == 1:
+        branches.append(Norm(reader.bn("rbr_skip", out_channels), name="rbr_skip"))
+    branches += [
+        conv_bn(
+            reader, f"rbr_conv.{index}", common, kernel=(size, size), stride=stride, padding=padding
+        )
+        for index in range(count)
+    ]
+    if not branches:
+        raise ReparamError(f"{NAME}: this configuration has no branch (num_conv_branches=0)")
+    return Parallel(*branches, name=NAME)
+
+
+FAMILY = Family(
+    name=NAME,
+    options={
+        "in_channels": REQUIRED,
+        "out_channels": REQUIRED,
+        "kernel_size": REQUIRED,
+        "stride": 1,
+        "padding": 0,
+        "dilation": 1,
+        "groups": 1,
+        "inference_mode": False,
+        "use_se": False,
+        "num_conv_branches": 1,
+    },
+    build=mobileone_tree,
+    deploy_prefix="reparam_conv",
+    source="apple/ml-mobileone mobileone.py",
+)

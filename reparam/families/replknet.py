@@ -1,0 +1,79 @@
+"""RepLKNet's large-kernel conv (Ding et al., CVPR 2022): a large and a small kernel, with BNs.
+
+Published as ``ReparamLargeKernelConv`` in DingXiaoH/RepLKNet-pytorch
+(``replknet.py``): ``lkb_origin`` (KxK conv + BN, padding ``K // 2``) and,
+unless ``small_kernel`` is None, ``small_conv`` (kxk conv + BN, padding
+``k // 2``). Used depthwise with K up to 31. Deploy key: ``lkb_reparam``.
+"""
+
+from __future__ import annotations
+
+from ..core.algebra import Node, Parallel
+from ..core.conv import centred_padding
+from ..core.errors import ReparamError
+from .base import (
+    REQUIRED,
+    Channels,
+    Config,
+    Family,
+    StateReader,
+    check_groups,
+    conv_bn,
+    refuse,
+    whole,
+)
+
+__all__ = ["FAMILY", "replknet_tree"]
+
+NAME = "ReparamLargeKernelConv"
+
+
+def replknet_tree(reader: StateReader, config: Config) -> Node:
+    """Build the train form: ``bn(conv_K(x)) [+ bn(conv_k(x))]``."""
+    refuse(
+        config,
+        NAME,
+        small_kernel_merged=(False, "a merged block is one conv already; read lkb_reparam"),
+    )
+    in_channels = whole(config, "in_channels", NAME)
+    out_channels = whole(config, "out_channels", NAME)
+    size = whole(config, "kernel_size", NAME)
+    stride = whole(config, "stride", NAME)
+    groups = whole(config, "groups", NAME)
+    check_groups(NAME, groups, ("in_channels", in_channels), ("out_channels", out_channels))
+    common = Channels(in_channels, out_channels, groups)
+    branches = [
+        conv_bn(reader, "lkb_origin", common, kernel=(size, size), stride=stride,
+            padding=centred_padding(size),
+        )
+    ]  # fmt: skip
+    if config["small_kernel"] is not None:
+        small = whole(config, "small_kernel", NAME)
+        if small > size or (size - small) % 2:
+            raise ReparamError(
+                f"{NAME}: small_kernel={small} must be at most kernel_size={size} and differ "
+                "from it by an even number, so that it sits in the large kernel's centre"
+            )
+        branches.append(
+            conv_bn(reader, "small_conv", common, kernel=(small, small), stride=stride,
+                padding=centred_padding(small),
+            )
+        )  # fmt: skip
+    return Parallel(*branches, name=NAME)
+
+
+FAMILY = Family(
+    name=NAME,
+    options={
+        "in_channels": REQUIRED,
+        "out_channels": REQUIRED,
+        "kernel_size": REQUIRED,
+        "stride": REQUIRED,
+        "groups": REQUIRED,
+        "small_kernel": REQUIRED,
+        "small_kernel_merged": False,
+    },
+    build=replknet_tree,
+    deploy_prefix="lkb_reparam",
+    source="DingXiaoH/RepLKNet-pytorch replknet.py",
+)

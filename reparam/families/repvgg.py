@@ -1,0 +1,84 @@
+"""RepVGG's block (Ding et al., CVPR 2021): kxk conv+BN, 1x1 conv+BN, identity BN.
+
+Published as ``RepVGGBlock`` in DingXiaoH/RepVGG (``repvgg.py``); YOLOv6's
+``RepVGGBlock`` has the same keys. Train keys: ``rbr_dense.{conv,bn}``,
+``rbr_1x1.{conv,bn}``, ``rbr_identity`` (a BatchNorm, only when
+``in_channels == out_channels`` and ``stride == 1``); deploy ``rbr_reparam``.
+The 1x1 branch pads by ``padding - kernel_size // 2``. The published block
+asserts ``kernel_size == 3`` and ``padding == 1``; any odd kernel with
+``padding == kernel_size // 2`` folds here. ``dilation`` never reaches the
+published train convs (only the deploy conv), so it is accepted and unused.
+"""
+
+from __future__ import annotations
+
+from ..core.algebra import Node, Norm, Parallel
+from ..core.errors import ReparamError
+from .base import (
+    REQUIRED,
+    Channels,
+    Config,
+    Family,
+    StateReader,
+    check_groups,
+    conv_bn,
+    refuse,
+    whole,
+)
+
+__all__ = ["FAMILY", "repvgg_tree"]
+
+NAME = "RepVGGBlock"
+
+
+def repvgg_tree(reader: StateReader, config: Config) -> Node:
+    """Build the train form: ``bn(conv_kxk(x)) + bn(conv_1x1(x)) [+ bn(x)]``."""
+    refuse(
+        config,
+        NAME,
+        deploy=(False, "a deploy block is one conv already; read rbr_reparam directly"),
+        use_se=(False, "squeeze-and-excitation is not linear"),
+        padding_mode=("zeros", "only zero padding folds into the 1x1 branch"),
+    )
+    in_channels = whole(config, "in_channels", NAME)
+    out_channels = whole(config, "out_channels", NAME)
+    size = whole(config, "kernel_size", NAME)
+    stride = whole(config, "stride", NAME)
+    padding = whole(config, "padding", NAME, minimum=0)
+    groups = whole(config, "groups", NAME)
+    check_groups(NAME, groups, ("in_channels", in_channels), ("out_channels", out_channels))
+    if padding < size // 2:
+        raise ReparamError(
+            f"{NAME}: padding={padding} with kernel_size={size} leaves the 1x1 branch a negative "
+            f"padding; expected padding >= {size // 2} (the published block uses 3 and 1)"
+        )
+    common = Channels(in_channels, out_channels, groups)
+    branches = [
+        conv_bn(reader, "rbr_dense", common, kernel=(size, size), stride=stride, padding=padding),
+        conv_bn(
+            reader, "rbr_1x1", common, kernel=(1, 1), stride=stride, padding=padding - size // 2
+        ),
+    ]
+    if in_channels == out_channels and stride == 1:
+        branches.append(Norm(reader.bn("rbr_identity", out_channels), name="rbr_identity"))
+    return Parallel(*branches, name=NAME)
+
+
+FAMILY = Family(
+    name=NAME,
+    options={
+        "in_channels": REQUIRED,
+        "out_channels": REQUIRED,
+        "kernel_size": REQUIRED,
+        "stride": 1,
+        "padding": 0,
+        "dilation": 1,
+        "groups": 1,
+        "padding_mode": "zeros",
+        "deploy": False,
+        "use_se": False,
+    },
+    build=repvgg_tree,
+    deploy_prefix="rbr_reparam",
+    source="DingXiaoH/RepVGG repvgg.py (YOLOv6 yolov6/layers/common.py: same keys)",
+)
