@@ -2,24 +2,30 @@
 
 Commands::
 
-    reparam convert TRAIN DEPLOY [--layout official|timm] [--arch NAME]
-    reparam verify WEIGHTS [--arch NAME] [--batch N] [--size S] [--seed K]
-    reparam run WEIGHTS --input X.npy --output Y.npy [--arch NAME]
-    reparam info WEIGHTS
-    reparam export WEIGHTS MODEL.onnx [--arch NAME] [--opset N] [--layout official|timm]
+    reparam convert TRAIN DEPLOY [--layout L] [--to-layout L] [--arch NAME] [--overwrite-input]
+    reparam verify WEIGHTS [--layout L] [--arch NAME] [--batch N] [--size S] [--seed K]
+    reparam run WEIGHTS --input X.npy --output Y.npy [--layout L] [--arch NAME]
+    reparam info WEIGHTS [--layout L]
+    reparam export WEIGHTS MODEL.onnx [--layout L] [--arch NAME] [--opset N]
     reparam demo [--checkpoint PATH] [--data PATH]
 
+``--layout`` says how the input's keys are read (detected by default);
+``--to-layout`` names the keys ``convert`` writes (the input's by default).
+
 Exit codes: 0 success, 1 ``verify`` found the forms disagree, 2 any error
-(one line on stderr saying what is wrong and what to do).
+(one line on stderr naming the file and, where one is at fault, the tensor),
+130 interrupted (Ctrl-C), 141 stdout closed early (a broken pipe).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,10 +33,20 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .checkpoints.formats import CHECKPOINT_SUFFIXES, save_array
-from .checkpoints.repvgg import load, save
+from . import __version__
+from .checkpoints.formats import (
+    CHECKPOINT_SUFFIXES,
+    check_destination,
+    read_array,
+    read_checkpoint,
+    save_array,
+    shown,
+    shown_path,
+)
+from .checkpoints.layouts import LAYOUTS
+from .checkpoints.repvgg import LoadedCheckpoint, load_file, save
 from .core.errors import ReparamError
-from .export.onnx import DEFAULT_OPSET, export_onnx
+from .export.onnx import DEFAULT_OPSET, check_opset, export_onnx
 from .models.repvgg import RepVGG, TrainBlock
 
 __all__ = ["main"]
@@ -52,27 +68,50 @@ def _millions(count: int) -> str:
     return f"{count:,} ({count / 1e6:.2f} M)"
 
 
-def _load(path: str, args: argparse.Namespace) -> RepVGG:
+@contextlib.contextmanager
+def _file_errors(path: str | os.PathLike[str], verb: str) -> Iterator[None]:
+    """Report an ``OSError`` while reading or writing ``path`` as one line naming the file."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        name = shown_path(exc.filename if exc.filename is not None else path)
+        reason = exc.strerror or str(exc)
+        hint = "; check the path and permissions" if verb == "read" else ""
+        raise ReparamError(f"cannot {verb} {name}: {reason}{hint}") from exc
+
+
+def _load(path: str, args: argparse.Namespace) -> LoadedCheckpoint:
     _progress(f"loading {path} ...")
-    return load(path, arch=getattr(args, "arch", None), layout=getattr(args, "layout", None))
+    with _file_errors(path, "read"):
+        return load_file(
+            path, arch=getattr(args, "arch", None), layout=getattr(args, "layout", None)
+        )
 
 
-def _check_output(path: str, allowed: tuple[str, ...]) -> None:
-    """Fail before any work when the output format is unknown."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in allowed:
+def _refuse_overwriting(source: str, destination: str, *, command: str) -> None:
+    """Refuse, before loading, to write over the input (same path, symlink or hard link)."""
+    try:
+        same = os.path.samefile(source, destination)
+    except OSError:  # one of them does not exist (yet)
+        return
+    if same:
         raise ReparamError(
-            f"unknown file format {Path(path).name!r} for the output; got suffix "
-            f"{suffix or '(none)'!r}, expected one of {', '.join(allowed)}"
+            f"{command}: the output {shown_path(destination)} is the input file; writing it would "
+            "replace the train weights with the deploy form; hint: choose another output, or "
+            "pass --overwrite-input"
         )
 
 
 def _convert(args: argparse.Namespace) -> int:
-    _check_output(args.deploy, CHECKPOINT_SUFFIXES)
-    model = _load(args.train, args)
+    check_destination(args.deploy, func="convert", allowed=CHECKPOINT_SUFFIXES)
+    if not args.overwrite_input:
+        _refuse_overwriting(args.train, args.deploy, command="convert")
+    model = _load(args.train, args).model
     if model.form == "deploy":
         raise ReparamError(
-            f"convert: {args.train} is already in deploy form; expected a train-form "
+            f"convert: {shown_path(args.train)} is already in deploy form; expected a train-form "
             "checkpoint (nothing to fuse)"
         )
     _progress(f"fusing {len(model.blocks)} blocks ...")
@@ -82,7 +121,9 @@ def _convert(args: argparse.Namespace) -> int:
     blocks = [block for _, block in model.blocks if isinstance(block, TrainBlock)]
     with_1x1 = sum(block.pointwise_kernel is not None for block in blocks)
     with_identity = sum(block.identity_bn is not None for block in blocks)
-    save(deploy, args.deploy)
+    layout = args.to_layout or model.layout
+    with _file_errors(args.deploy, "write"):
+        save(deploy, args.deploy, layout=layout)
     _out(f"architecture: {model.arch or 'custom'} ({model.layout} layout, {model.dtype})")
     _out(
         f"fused {len(blocks)} blocks ({with_1x1} with a 1x1 branch, {with_identity} with an "
@@ -90,7 +131,7 @@ def _convert(args: argparse.Namespace) -> int:
     )
     _out(f"parameters: train {_millions(model.num_parameters)}")
     _out(f"            deploy {_millions(deploy.num_parameters)}")
-    _out(f"wrote {args.deploy}")
+    _out(f"wrote {args.deploy} ({layout} layout)")
     return 0
 
 
@@ -99,11 +140,11 @@ def _default_size(model: RepVGG) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    model = _load(args.weights, args)
+    model = _load(args.weights, args).model
     if model.form == "deploy":
         raise ReparamError(
-            f"verify: {args.weights} is in deploy form; expected the train-form checkpoint "
-            "(verify fuses it and compares both forms)"
+            f"verify: {shown_path(args.weights)} is in deploy form; expected the train-form "
+            "checkpoint (verify fuses it and compares both forms)"
         )
     size = args.size if args.size is not None else _default_size(model)
     rng = np.random.default_rng(args.seed)
@@ -123,6 +164,10 @@ def _verify(args: argparse.Namespace) -> int:
     _out(f"max |train - deploy| = {difference:.3e} (max |logit| {magnitude:.3g})")
     _out(f"relative difference  = {relative:.3e} (tolerance {tolerance:g})")
     _out(f"top-1 agreement      = {agree:.0%}")
+    finite = bool(np.isfinite(train_logits).all() and np.isfinite(deploy_logits).all())
+    if not finite:
+        _out("FAIL: the logits are not finite (NaN or inf), so the forms cannot be compared")
+        return 1
     if relative > tolerance:
         _out("FAIL: the deploy form does not reproduce the train form")
         return 1
@@ -131,26 +176,34 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    _check_output(args.output, (".npy",))
-    model = _load(args.weights, args)
-    if Path(args.input).suffix.lower() != ".npy":
-        raise ReparamError(f"run: --input must be a single array in a .npy file; got {args.input}")
-    x = np.load(args.input, allow_pickle=False)
+    check_destination(args.output, func="run", allowed=(".npy",), what="--output")
+    with _file_errors(args.input, "read"):
+        x = read_array(args.input, func="run")
+    name = shown_path(args.input)
     if x.ndim != 4:
-        raise ReparamError(f"run: --input must be an NCHW array; got shape {x.shape}")
+        raise ReparamError(f"run: --input {name} must be an NCHW array; got shape {x.shape}")
+    if np.issubdtype(x.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        if bad:
+            raise ReparamError(
+                f"run: --input {name} has {bad:,} non-finite values (NaN or inf) of {x.size:,}"
+            )
+    model = _load(args.weights, args).model
     _progress(f"running the {model.form} form on {x.shape} ...")
     logits = model(x)
-    save_array(args.output, logits)
+    with _file_errors(args.output, "write"):
+        save_array(args.output, logits)
     _out(f"{model.form} form, {model.arch or 'custom'}: logits {logits.shape} -> {args.output}")
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    model = _load(args.weights, args)
+    model, stored = _load(args.weights, args)
+    held = "" if stored == (model.dtype.name,) else f" (the file holds {', '.join(stored)})"
     _out(f"layout:        {model.layout}")
     _out(f"form:          {model.form}")
     _out(f"architecture:  {model.arch or 'custom'}")
-    _out(f"dtype:         {model.dtype}")
+    _out(f"dtype:         {model.dtype}{held}")
     _out(f"blocks:        {len(model.blocks)}")
     _out(f"input:         {model.in_channels} channels; classes: {model.num_classes}")
     _out(f"parameters:    {_millions(model.num_parameters)}")
@@ -164,10 +217,12 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    _check_output(args.onnx, (".onnx",))
-    model = _load(args.weights, args)
+    check_destination(args.onnx, func="export", allowed=(".onnx",))
+    check_opset(args.opset, func="export")
+    model = _load(args.weights, args).model
     _progress(f"building the ONNX graph ({len(model.blocks)} blocks) ...")
-    export_onnx(model, args.onnx, opset=args.opset)
+    with _file_errors(args.onnx, "write"):
+        export_onnx(model, args.onnx, opset=args.opset)
     converted = " (converted from the train form)" if model.form == "train" else ""
     _out(f"architecture: {model.arch or 'custom'} ({model.layout} layout)")
     _out(
@@ -191,19 +246,47 @@ def _embedded(name: str) -> Path:
     return Path(str(resources.files("reparam").joinpath("data", name)))
 
 
+def _read_digits(path: Path) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    """Images (N, C, H, W) and integer labels (N,) from an ``.npz``, checked before use."""
+    name = shown_path(path)
+    expected = "expected an .npz with images (N, C, H, W) and labels (N,)"
+    if path.suffix.lower() != ".npz":
+        raise ReparamError(f"demo: --data {name} is not an .npz file; {expected}")
+
+    def both_present(keys: list[str]) -> None:
+        missing = [key for key in ("images", "labels") if key not in keys]
+        if missing:
+            raise ReparamError(f"demo: {name} has no {' or '.join(missing)} array; {expected}")
+
+    with _file_errors(path, "read"):
+        arrays = read_checkpoint(path, check_keys=both_present).tensors
+    images, labels = arrays["images"], arrays["labels"]
+    if images.ndim != 4 or not np.issubdtype(images.dtype, np.floating):
+        raise ReparamError(
+            f"demo: {name}: images has shape {shown(images.shape, 30)} and dtype {images.dtype}; "
+            "expected floating images (N, C, H, W)"
+        )
+    if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+        raise ReparamError(
+            f"demo: {name}: labels has shape {shown(labels.shape, 30)} and dtype {labels.dtype}; "
+            f"expected integers of shape ({images.shape[0]},), one per image"
+        )
+    return images, labels
+
+
 def _demo(args: argparse.Namespace) -> int:
-    checkpoint = Path(args.checkpoint) if args.checkpoint else _embedded("digits_repvgg.npz")
-    data_path = Path(args.data) if args.data else _embedded("digits_test.npz")
-    for path in (checkpoint, data_path):
-        if not path.is_file():
+    paths = []
+    for given, bundled in ((args.checkpoint, "digits_repvgg.npz"), (args.data, "digits_test.npz")):
+        path = Path(given) if given else _embedded(bundled)
+        if not given and not path.is_file():
             raise ReparamError(
-                f"demo: {path} is missing; reinstall reparam (pip install reparam) or pass "
-                "--checkpoint and --data"
+                f"demo: the bundled {bundled} is missing; reinstall reparam (pip install reparam) "
+                "or pass --checkpoint and --data"
             )
-    model = _load(str(checkpoint), args)
-    with np.load(data_path, allow_pickle=False) as data:
-        images: npt.NDArray[Any] = data["images"]
-        labels: npt.NDArray[Any] = data["labels"]
+        paths.append(path)
+    checkpoint, data_path = paths
+    images, labels = _read_digits(data_path)
+    model = _load(str(checkpoint), args).model
     _progress(f"fusing {len(model.blocks)} blocks ...")
     deploy = model.reparameterize()
     _progress(f"classifying {len(labels)} held-out digits with both forms ...")
@@ -236,6 +319,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="reparam",
         description="Convert, verify and run RepVGG checkpoints in pure NumPy.",
     )
+    parser.add_argument("--version", action="version", version=f"reparam {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def arch(command: argparse.ArgumentParser) -> None:
@@ -243,15 +327,35 @@ def _parser() -> argparse.ArgumentParser:
             "--arch", help="published architecture the weights must have (e.g. RepVGG-A0)"
         )
 
+    def layout(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--layout",
+            choices=LAYOUTS,
+            help="key layout of the input (default: detected from the keys)",
+        )
+
     convert = commands.add_parser("convert", help="fuse a train checkpoint into deploy weights")
     convert.add_argument("train", help="train-form checkpoint (.npz, .safetensors, .pth, .pt)")
-    convert.add_argument("deploy", help="output file; its suffix chooses the format")
-    convert.add_argument("--layout", choices=("official", "timm"), help="force the key layout")
+    convert.add_argument(
+        "deploy", help="output file; its suffix chooses the format (replaced atomically)"
+    )
+    layout(convert)
+    convert.add_argument(
+        "--to-layout",
+        choices=LAYOUTS,
+        help="key layout to write (default: the input's)",
+    )
     arch(convert)
+    convert.add_argument(
+        "--overwrite-input",
+        action="store_true",
+        help="allow the output to be the input file itself (the train weights are lost)",
+    )
     convert.set_defaults(handler=_convert)
 
     verify = commands.add_parser("verify", help="check that both forms give the same logits")
     verify.add_argument("weights", help="train-form checkpoint")
+    layout(verify)
     arch(verify)
     verify.add_argument("--batch", type=int, default=2, help="images in the batch (default 2)")
     verify.add_argument(
@@ -264,11 +368,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("weights", help="checkpoint, train or deploy form")
     run.add_argument("--input", required=True, help="NCHW array (.npy)")
     run.add_argument("--output", required=True, help="where to write the logits (.npy)")
+    layout(run)
     arch(run)
     run.set_defaults(handler=_run)
 
     info = commands.add_parser("info", help="describe a checkpoint")
     info.add_argument("weights", help="checkpoint, train or deploy form")
+    layout(info)
     info.set_defaults(handler=_info)
 
     export = commands.add_parser("export", help="write the deploy form as an ONNX model")
@@ -277,7 +383,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})"
     )
-    export.add_argument("--layout", choices=("official", "timm"), help="force the key layout")
+    layout(export)
     arch(export)
     export.set_defaults(handler=_export)
 
@@ -295,6 +401,40 @@ def _positive(args: argparse.Namespace) -> None:
             raise ReparamError(f"{args.command}: --{name} must be >= 1; got {value}")
 
 
+def error_line(command: str, message: str) -> str:
+    """Render an error as the one line ``main`` prints: control characters escaped.
+
+    Parameters
+    ----------
+    command : str
+        The command that failed, e.g. ``"convert"``.
+    message : str
+        The error's text.
+
+    Returns
+    -------
+    str
+        ``"reparam COMMAND: error: MESSAGE"``, without a newline.
+    """
+    return f"reparam {command}: error: {shown(message.strip(), limit=10**6)}"
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the final flush at exit cannot fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the chosen command; errors propagate (``main`` turns them into exit codes)."""
+    _positive(args)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    code = handler(args)
+    sys.stdout.flush()  # a closed pipe shows up here, not at exit
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``reparam`` command line; return the exit code.
 
@@ -307,29 +447,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     -------
     int
         0 on success, 1 when ``verify`` finds the forms disagree, 2 on any
-        error (reported as one line on stderr).
+        error (reported as one line on stderr), 130 when interrupted
+        (Ctrl-C), 141 when stdout is closed early (``reparam info X | head``).
     """
-    parser = _parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse reports usage errors itself (exit 2)
-        return exc.code if isinstance(exc.code, int) else 2
-    try:
-        _positive(args)
-        handler: Callable[[argparse.Namespace], int] = args.handler
-        return handler(args)
-    except ReparamError as exc:
-        head, *rest = [line.strip() for line in str(exc).splitlines()] or [""]
-        message = f"{head} {'; '.join(rest)}" if head.endswith(":") else "; ".join([head, *rest])
-        sys.stderr.write(f"reparam {args.command}: error: {message}\n")
-    except OSError as exc:
-        where = f" {exc.filename}" if exc.filename else ""
-        reason = exc.strerror or str(exc)
-        sys.stderr.write(
-            f"reparam {args.command}: error: cannot access{where}: {reason}; "
-            "check the path and permissions\n"
-        )
-    return 2
+        parser = _parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # argparse reports usage errors itself (exit 2)
+            sys.stdout.flush()
+            return exc.code if isinstance(exc.code, int) else 2
+        try:
+            return _dispatch(args)
+        except ReparamError as exc:
+            message = str(exc)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # every path the commands touch is wrapped; this is a safety net
+            where = f" {shown_path(exc.filename)}" if exc.filename is not None else ""
+            message = f"cannot access{where}: {exc.strerror or exc}"
+        sys.stderr.write(error_line(args.command, message) + "\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -245,7 +245,7 @@ def test_missing_file_exits_2(tmp_path: Path) -> None:
 def test_wrong_arch_exits_2(digits: dict[str, Path]) -> None:
     result = _cli("verify", digits["npz"], "--arch", "RepVGG-A0")
     assert result.returncode == 2, result.stderr
-    assert "architecture: stage0: got 1->16" in result.stderr, result.stderr
+    assert "not RepVGG-A0" in result.stderr and "more" in result.stderr, result.stderr
 
 
 def test_usage_errors_exit_2() -> None:

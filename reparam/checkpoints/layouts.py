@@ -19,6 +19,7 @@ from typing import Any
 
 from ..core.errors import ReparamError
 from ..models.repvgg import Layout
+from .formats import shown
 
 __all__ = [
     "BLOCK_KEY",
@@ -127,23 +128,34 @@ def detect_layout(keys: Any) -> Layout:
     >>> detect_layout(["stem.conv_kxk.conv.weight", "head.fc.weight"])
     'timm'
     """
+    names = [str(key) for key in keys]
     found = set()
-    for key in keys:
+    for key in names:
         if key.startswith(("stage0.", "linear.")) or re.match(r"stage\d+\.\d+\.rbr_", key):
             found.add("official")
         if key.startswith(("stem.", "stages.", "head.fc.")):
             found.add("timm")
     if len(found) != 1:
-        what = "both" if found else "neither"
+        if found:
+            problem = "both the official (stage0.rbr_dense...) and the timm (stem.conv_kxk...)"
+            hint = "hint: choose one with --layout official|timm (layout= in Python)"
+        else:
+            problem = "neither the official (stage0.rbr_dense...) nor the timm (stem.conv_kxk...)"
+            hint = (
+                "hint: is this a RepVGG checkpoint? --layout official|timm (layout= in Python) "
+                "forces a layout"
+            )
+        sample = ", ".join(shown(key, 40) for key in names[:2]) or "no keys"
+        more = f", ... ({len(names)} keys)" if len(names) > 2 else ""
         raise ReparamError(
-            f"detect_layout: the keys match {what} of the official (stage0.rbr_dense...) and the "
-            "timm (stem.conv_kxk...) layouts; hint: pass layout='official' or layout='timm'"
+            f"detect_layout: the keys match {problem} layout; got {sample}{more}; {hint}"
         )
     layout: Layout = "official" if "official" in found else "timm"
     return layout
 
 
 def check_layout(layout: Any, *, func: str) -> Layout:
+    """Return ``layout`` if it is a known layout name; raise naming ``func`` otherwise."""
     if layout not in LAYOUTS:
         raise ReparamError(f"{func}: layout must be 'official' or 'timm'; got {layout!r}")
     checked: Layout = layout

@@ -24,11 +24,21 @@ from ..models.architectures import (
     BlockSpec,
     NamedSpecs,
     architecture_differences,
+    block_specs,
     canonical_architecture,
     match_architecture,
 )
 from ..models.repvgg import Block, DeployBlock, Head, RepVGG, TrainBlock
-from .formats import CHECKPOINT_SUFFIXES, Tensors, check_suffix, read_tensors, write_tensors
+from .formats import (
+    CHECKPOINT_SUFFIXES,
+    Tensors,
+    check_suffix,
+    listing,
+    read_checkpoint,
+    shown,
+    shown_path,
+    write_tensors,
+)
 from .layouts import (
     BLOCK_KEY,
     BN_LEAVES,
@@ -42,7 +52,7 @@ from .layouts import (
     leaves,
 )
 
-__all__ = ["from_state_dict", "load", "save", "to_state_dict"]
+__all__ = ["LoadedCheckpoint", "from_state_dict", "load", "load_file", "save", "to_state_dict"]
 
 
 # --------------------------------------------------------------------------- state dict -> model
@@ -65,7 +75,7 @@ def _parse_keys(
             continue
         match = pattern.match(key)
         if match is None or match.group(3) not in leaf_table:
-            problems.append(f"unexpected key {key}")
+            problems.append(f"unexpected key {shown(key, 60)}")
             continue
         stage_text, index_text, rest = match.groups()
         if stage_text is None:
@@ -74,7 +84,7 @@ def _parse_keys(
             stage = int(stage_text) + (1 if layout == "timm" else 0)
             position = (stage, int(index_text))
             if stage == 0:
-                problems.append(f"unexpected key {key} (the stem is one block without an index)")
+                problems.append(f"unexpected key {shown(key, 60)} (the stem has no index)")
                 continue
         branch, leaf = leaf_table[rest]
         blocks.setdefault(position, {}).setdefault(branch, {})[leaf] = value
@@ -85,23 +95,36 @@ def _block_name(position: tuple[int, int]) -> str:
     return "stage0" if position == (0, 0) else f"stage{position[0]}.{position[1]}"
 
 
+def _gaps(present: list[int]) -> tuple[list[int], int]:
+    """Find the first few numbers missing from 0..max(present), and how many are missing."""
+    first: list[int] = []
+    expected = 0
+    for number in sorted(set(present)):
+        first += range(expected, min(number, expected + 5 - len(first)))
+        expected = number + 1
+    return first[:5], expected - len(set(present))
+
+
 def _check_positions(
     positions: list[tuple[int, int]], layout: Layout, problems: list[str]
 ) -> list[tuple[int, int]]:
     """Blocks in order; missing stem, stages or blocks are problems."""
     if (0, 0) not in positions:
         problems.append(f"missing block {block_prefix('stage0', layout)} (the stem)")
-    stages = sorted({stage for stage, _ in positions if stage > 0})
-    for stage in range(1, (stages[-1] if stages else 0) + 1):
-        indices = sorted(index for s, index in positions if s == stage)
-        if not indices:
-            name = block_prefix(f"stage{stage}.0", layout).rsplit(".", 1)[0]
-            problems.append(f"missing stage {name} (stages are numbered without gaps)")
-            continue
-        for index in range(indices[-1] + 1):
-            if index not in indices:
-                name = block_prefix(f"stage{stage}.{index}", layout)
-                problems.append(f"missing block {name} (blocks are numbered from 0 without gaps)")
+    stages = [stage for stage, _ in positions if stage > 0]
+    missing_stages, count = _gaps([0, *stages])
+    for stage in missing_stages:
+        name = block_prefix(f"stage{stage}.0", layout).rsplit(".", 1)[0]
+        problems.append(f"missing stage {name} (stages are numbered without gaps)")
+    if count > len(missing_stages):
+        problems.append(f"{count - len(missing_stages)} more stages missing")
+    for stage in sorted(set(stages)):
+        missing, count = _gaps([index for s, index in positions if s == stage])
+        for index in missing:
+            name = block_prefix(f"stage{stage}.{index}", layout)
+            problems.append(f"missing block {name} (blocks are numbered from 0 without gaps)")
+        if count > len(missing):
+            problems.append(f"{count - len(missing)} more blocks missing in stage {stage}")
     return sorted(positions)
 
 
@@ -110,7 +133,23 @@ def _as_array(value: Any, key: str, problems: list[str]) -> npt.NDArray[Any] | N
     if not np.issubdtype(array.dtype, np.floating):
         problems.append(f"{key} has dtype {array.dtype}; expected a floating dtype")
         return None
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        problems.append(f"{key} has {bad:,} non-finite values (NaN or inf) of {array.size:,}")
+        return None
     return array
+
+
+def _check_variance(var: npt.NDArray[Any], key: str, block: str, problems: list[str]) -> bool:
+    negative = np.flatnonzero(var < 0)
+    if negative.size:
+        index = int(negative[0])
+        problems.append(
+            f"{key} (block {block}) has {negative.size} negative variance"
+            f"{'s' if negative.size > 1 else ''}, {float(var[index]):g} at channel {index}"
+        )
+        return False
+    return True
 
 
 def _branch_arrays(
@@ -132,7 +171,15 @@ def _branch_arrays(
     }
     if missing or any(array is None for array in arrays.values()):
         return None
-    return {leaf: array for leaf, array in arrays.items() if array is not None}
+    checked = {leaf: array for leaf, array in arrays.items() if array is not None}
+    if "running_var" in checked and not _check_variance(
+        checked["running_var"],
+        block_key(name, branch, "running_var", layout),
+        block_prefix(name, layout),
+        problems,
+    ):
+        return None
+    return checked
 
 
 def _expect_shape(
@@ -142,10 +189,9 @@ def _expect_shape(
     problems: list[str],
     *,
     kind: str = "shape mismatch",
-    note: str = "",
 ) -> bool:
     if array.shape != expected:
-        problems.append(f"{kind}: {key} has shape {array.shape}, expected {expected}{note}")
+        problems.append(f"{kind}: {key} has shape {array.shape}, expected {expected}")
         return False
     return True
 
@@ -223,7 +269,6 @@ def _check_block(
             block_key(name, "pointwise", "kernel", layout),
             problems,
             kind="branches disagree",
-            note=f" to match {kernel_key} {kernel.shape}",
         )
         for leaf in BN_LEAVES:
             ok &= _expect_shape(
@@ -260,31 +305,46 @@ def _check_block(
     )
 
 
-def _build_block(checked: _BlockArrays, dtype: np.dtype[Any], eps: float) -> Block:
-    def bn(arrays: dict[str, Any]) -> BatchNorm:
+def _build_block(checked: _BlockArrays, dtype: np.dtype[Any], eps: float, layout: Layout) -> Block:
+    """Build one block; an error of the model layer is re-raised naming the tensors' block."""
+
+    def bn(branch: str, arrays: dict[str, Any]) -> BatchNorm:
         gamma, beta, mean, var = (np.asarray(arrays[leaf], dtype=dtype) for leaf in BN_LEAVES)
-        return BatchNorm(gamma, beta, mean, var, eps=eps)
+        try:
+            return BatchNorm(gamma, beta, mean, var, eps=eps)
+        except ReparamError as exc:
+            where = block_key(checked.name, branch, "weight", layout).removesuffix(".weight")
+            raise ReparamError(
+                f"from_state_dict: {where}.* (block {block_prefix(checked.name, layout)}): {exc}"
+            ) from None
 
     main = checked.arrays["main"]
     spec = checked.spec
-    if checked.form == "deploy":
-        return DeployBlock(
+    try:
+        if checked.form == "deploy":
+            return DeployBlock(
+                np.asarray(main["kernel"], dtype=dtype),
+                np.asarray(main["bias"], dtype=dtype),
+                spec.stride,
+                spec.groups,
+            )
+        pointwise = checked.arrays["pointwise"]
+        identity = checked.arrays["identity"]
+        return TrainBlock(
             np.asarray(main["kernel"], dtype=dtype),
-            np.asarray(main["bias"], dtype=dtype),
+            bn("dense", main),
+            np.asarray(pointwise["kernel"], dtype=dtype) if pointwise else None,
+            bn("pointwise", pointwise) if pointwise else None,
+            bn("identity", identity) if identity else None,
             spec.stride,
             spec.groups,
         )
-    pointwise = checked.arrays["pointwise"]
-    identity = checked.arrays["identity"]
-    return TrainBlock(
-        np.asarray(main["kernel"], dtype=dtype),
-        bn(main),
-        np.asarray(pointwise["kernel"], dtype=dtype) if pointwise else None,
-        bn(pointwise) if pointwise else None,
-        bn(identity) if identity else None,
-        spec.stride,
-        spec.groups,
-    )
+    except ReparamError as exc:
+        if str(exc).startswith("from_state_dict:"):
+            raise
+        raise ReparamError(
+            f"from_state_dict: block {block_prefix(checked.name, layout)}: {exc}"
+        ) from None
 
 
 def _model_dtype(arrays: list[npt.NDArray[Any]]) -> np.dtype[Any]:
@@ -336,6 +396,49 @@ def from_state_dict(
     >>> from_state_dict(tensors)
     RepVGG(custom, form=deploy, blocks=1, classes=2, dtype=float64, layout=official)
     """
+    return _from_state_dict(
+        tensors, layout=layout, arch=arch, eps=eps, source="from_state_dict: the state dict"
+    )
+
+
+def _problems_error(
+    problems: list[str], keys: Any, layout: Layout, *, forced: bool, source: str
+) -> ReparamError:
+    """One line: the first problems that fit, how many more, and a hint when one applies."""
+    hint = ""
+    if forced:
+        try:
+            detected = detect_layout(keys)
+        except ReparamError:
+            detected = layout
+        if detected != layout:
+            hint = f"; hint: the keys are in the {detected} layout (see --layout)"
+    if not hint and any(p.startswith(("missing", "unexpected")) for p in problems):
+        hint = "; hint: check --layout and that the checkpoint is complete"
+    if not hint and problems[0].startswith("architecture:"):
+        hint = "; hint: without --arch any consistent RepVGG loads"
+    found = listing([shown(problem, 110) for problem in problems], budget=100)
+    return ReparamError(f"{source} does not fit a RepVGG ({layout} layout): {found}{hint}")
+
+
+def _check_keys(keys: list[str], *, layout: Layout | None, source: str) -> None:
+    """Refuse a checkpoint from its key names alone, before any tensor is read."""
+    chosen = detect_layout(keys) if layout is None else check_layout(layout, func="load")
+    problems: list[str] = []
+    parsed, _ = _parse_keys(dict.fromkeys(keys), chosen, problems)
+    _check_positions(list(parsed), chosen, problems)
+    if problems:
+        raise _problems_error(problems, keys, chosen, forced=layout is not None, source=source)
+
+
+def _from_state_dict(
+    tensors: Mapping[str, Any],
+    *,
+    layout: Layout | None,
+    arch: str | None,
+    eps: float,
+    source: str,
+) -> RepVGG:
     func = "from_state_dict"
     chosen = detect_layout(tensors.keys()) if layout is None else check_layout(layout, func=func)
     expected_arch = None if arch is None else canonical_architecture(arch)
@@ -364,22 +467,25 @@ def from_state_dict(
     head_arrays = _branch_head(head, chosen, in_channels, problems)
     specs: NamedSpecs = tuple((block.name, block.spec) for block in checked)
     if expected_arch is not None and not problems:
-        problems += [
-            f"architecture: {line}" for line in architecture_differences(specs, expected_arch)
-        ]
+        differences = architecture_differences(specs, expected_arch)
+        if differences:
+            found_arch = match_architecture(specs) or f"a custom RepVGG of {len(specs)} blocks"
+            expected_blocks = len(block_specs(expected_arch))
+            problems.append(
+                f"architecture: the weights are {found_arch}, not {expected_arch} "
+                f"({expected_blocks} blocks)"
+            )
+        # blocks that differ first, then missing or extra ones
+        differences.sort(key=lambda line: line.startswith(("missing", "unexpected")))
+        problems += [f"architecture: {line}" for line in differences]
     if problems:
-        raise ReparamError(
-            f"{func}: the checkpoint does not fit a RepVGG ({chosen} layout); "
-            f"{len(problems)} problem{'s' if len(problems) > 1 else ''}:\n  "
-            + "\n  ".join(problems)
-            + "\nhint: check that this is a RepVGG checkpoint and its key layout (layout= in "
-            "Python, --layout on the command line), and that it was not truncated or edited"
-        )
+        forced = layout is not None
+        raise _problems_error(problems, tensors.keys(), chosen, forced=forced, source=source)
     if head_arrays is None:  # pragma: no cover - a missing head is one of the problems above
         raise ReparamError(f"{func}: the checkpoint has no usable head")
     every = [a for block in checked for group in block.arrays.values() for a in group.values()]
     dtype = _model_dtype([np.asarray(a) for a in every] + list(head_arrays))
-    blocks = tuple((block.name, _build_block(block, dtype, eps)) for block in checked)
+    blocks = tuple((block.name, _build_block(block, dtype, eps, chosen)) for block in checked)
     weight, bias = (np.asarray(a, dtype=dtype) for a in head_arrays)
     return RepVGG(blocks, Head(weight, bias), arch=match_architecture(specs), layout=chosen)
 
@@ -464,6 +570,52 @@ def to_state_dict(model: RepVGG, *, layout: Layout | None = None) -> Tensors:
     return tensors
 
 
+class LoadedCheckpoint(NamedTuple):
+    """A model read from a file, and what the file held.
+
+    Attributes
+    ----------
+    model : RepVGG
+    stored_dtypes : tuple of str
+        The distinct dtypes of the floating tensors as stored in the file
+        (e.g. ``("bfloat16",)``), sorted; the model computes in float32 or
+        float64 whatever they were.
+    """
+
+    model: RepVGG
+    stored_dtypes: tuple[str, ...]
+
+
+def load_file(
+    path: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    layout: Layout | None = None,
+    eps: float = 1e-5,
+) -> LoadedCheckpoint:
+    """Load a RepVGG checkpoint and say what the file held; see :func:`load`.
+
+    The key names are checked before any tensor of an ``.npz`` or
+    ``.safetensors`` file is read, so a file that is not a RepVGG checkpoint
+    (or a zip bomb with other names) is refused without reading its arrays.
+    Errors start with ``load:`` and name ``path``.
+    """
+    name = shown_path(path)
+    contents = read_checkpoint(
+        path,
+        check_keys=lambda keys: _check_keys(keys, layout=layout, source=f"load: {name}"),
+    )
+    model = _from_state_dict(
+        contents.tensors, layout=layout, arch=arch, eps=eps, source=f"load: {name}"
+    )
+    floating = {
+        contents.stored[key]
+        for key, array in contents.tensors.items()
+        if np.issubdtype(array.dtype, np.floating)
+    }
+    return LoadedCheckpoint(model, tuple(sorted(floating)))
+
+
 def load(
     path: str | os.PathLike[str],
     *,
@@ -476,7 +628,10 @@ def load(
     Parameters
     ----------
     path : str or path-like
-        ``.npz``, ``.safetensors``, ``.pth`` or ``.pt``.
+        ``.npz``, ``.safetensors`` (float64, float32, float16 or bfloat16;
+        bfloat16 is widened exactly to float32), ``.pth`` or ``.pt``.
+        Containers (``state_dict``, ``model_state_dict``, ``model``) and key
+        prefixes (``module.``, ``_orig_mod.``) are removed.
     arch : str, optional
         A published architecture the weights must have; inferred otherwise.
     layout : {"official", "timm"}, optional
@@ -491,11 +646,14 @@ def load(
     Raises
     ------
     ReparamError
-        See :func:`read_tensors` and :func:`from_state_dict`.
+        See :func:`reparam.checkpoints.read_checkpoint` and
+        :func:`from_state_dict`; also when a tensor holds NaN or inf (naming
+        it and how many), or a running variance is negative (naming the
+        tensor and its block). Every message is one line naming ``path``.
     OSError
-        If the file cannot be read.
+        If the file cannot be opened.
     """
-    return from_state_dict(read_tensors(path), layout=layout, arch=arch, eps=eps)
+    return load_file(path, arch=arch, layout=layout, eps=eps).model
 
 
 def save(model: RepVGG, path: str | os.PathLike[str], *, layout: Layout | None = None) -> None:

@@ -21,7 +21,7 @@ from ..checkpoints.layouts import HEAD, block_key
 from ..core.errors import ReparamError
 from ..models.repvgg import DeployBlock, RepVGG
 
-__all__ = ["DEFAULT_OPSET", "export_onnx", "to_onnx"]
+__all__ = ["DEFAULT_OPSET", "check_opset", "export_onnx", "to_onnx"]
 
 #: The opset written unless another is asked for: Conv, Relu, GlobalAveragePool,
 #: Flatten and Gemm are unchanged since opset 13, which every current runtime reads.
@@ -38,6 +38,36 @@ def _import_onnx() -> Any:
             "(hint: pip install onnx)"
         ) from None
     return onnx
+
+
+def check_opset(opset: Any, *, func: str = "to_onnx") -> int:
+    """Check that ``opset`` can be written, before any work is done.
+
+    Parameters
+    ----------
+    opset : int
+        An ONNX operator set version.
+    func : str, default "to_onnx"
+        The name errors start with.
+
+    Returns
+    -------
+    int
+        ``opset``, at least 13 and at most what the installed ``onnx`` knows.
+
+    Raises
+    ------
+    ReparamError
+        If ``onnx`` is not installed or ``opset`` is out of range.
+    """
+    onnx = _import_onnx()
+    newest = int(onnx.defs.onnx_opset_version())
+    if isinstance(opset, bool) or not isinstance(opset, int) or not _MIN_OPSET <= opset <= newest:
+        raise ReparamError(
+            f"{func}: opset out of range; got {opset!r}, expected an int from {_MIN_OPSET} to "
+            f"{newest}"
+        )
+    return opset
 
 
 def to_onnx(model: RepVGG, *, opset: int = DEFAULT_OPSET, dtype: npt.DTypeLike = np.float32) -> Any:
@@ -73,12 +103,7 @@ def to_onnx(model: RepVGG, *, opset: int = DEFAULT_OPSET, dtype: npt.DTypeLike =
     helper = onnx.helper
     if not isinstance(model, RepVGG):
         raise ReparamError(f"to_onnx: model must be a reparam.RepVGG; got {type(model).__name__}")
-    newest = int(onnx.defs.onnx_opset_version())
-    if isinstance(opset, bool) or not isinstance(opset, int) or not _MIN_OPSET <= opset <= newest:
-        raise ReparamError(
-            f"to_onnx: opset out of range; got {opset!r}, expected an int from {_MIN_OPSET} to "
-            f"{newest}"
-        )
+    check_opset(opset)
     deploy = model.reparameterize().astype(dtype)
     elem_type = helper.np_dtype_to_tensor_dtype(deploy.dtype)
     initializers = []
@@ -157,7 +182,9 @@ def export_onnx(
     model : RepVGG
         Train or deploy form.
     path : str or path-like
-        The ``.onnx`` file to write; nothing is left behind on failure.
+        The ``.onnx`` file to write atomically (umask permissions for a new
+        file, the old mode for a replaced one); nothing is left behind on
+        failure.
     opset : int, default 17
     dtype : float32 or float64, default float32
 
@@ -165,6 +192,8 @@ def export_onnx(
     ------
     ReparamError
         As :func:`to_onnx`, or if ``path`` does not end in ``.onnx``.
+    OSError
+        If writing fails, naming ``path``.
     """
     target = Path(path)
     if target.suffix != ".onnx":
