@@ -189,12 +189,10 @@ def random_deploy_layers(
 
 
 def repvgg_module() -> Any:
-    """reparam.repvgg when it exists (it is written in parallel), else None."""
-    try:
-        from reparam.models import repvgg
-    except ImportError:
-        return None
-    return repvgg if hasattr(repvgg, "RepVGG") else None
+    """The reparam package (it has RepVGG and ARCHITECTURES)."""
+    import reparam
+
+    return reparam
 
 
 def a0_deploy_layers(*, seed: int, widths: Sequence[int] = A0_WIDTHS) -> list[Any]:

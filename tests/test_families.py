@@ -195,13 +195,13 @@ def _repvgg_state() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
 
 def test_unknown_block_names_the_choices() -> None:
-    with pytest.raises(ReparamError, match="unknown block 'RepVGG'.*DiverseBranchBlock"):
+    with pytest.raises(ReparamError, match=r"unknown block 'RepVGG'.*DiverseBranchBlock"):
         from_state_dict("RepVGG", {}, in_channels=1)
 
 
 def test_unknown_option_is_named() -> None:
     state, config = _repvgg_state()
-    with pytest.raises(ReparamError, match="unknown option kernel;"):
+    with pytest.raises(ReparamError, match=r"unknown option kernel;"):
         from_state_dict("RepVGGBlock", state, kernel=3, **config)
 
 
@@ -234,7 +234,7 @@ def test_bad_batchnorm_values_name_the_tensor() -> None:
 
 def test_unsupported_options_say_why() -> None:
     state, config = _repvgg_state()
-    with pytest.raises(ReparamError, match="use_se=True is not supported.*not linear"):
+    with pytest.raises(ReparamError, match=r"use_se=True is not supported.*not linear"):
         from_state_dict("RepVGGBlock", state, use_se=True, **config)
     with pytest.raises(ReparamError, match="does not run; expected padding=1"):
         from_state_dict("MobileOneBlock", {}, in_channels=2, out_channels=2, kernel_size=3)

@@ -589,6 +589,7 @@ class FoldedConv:
     Attributes
     ----------
     kernel : ndarray, shape (C_out, C_in // groups, kH, kW)
+        A fresh array, shared with nothing.
     bias : ndarray, shape (C_out,)
     stride : (int, int)
     pads : ((int, int), (int, int))
@@ -652,8 +653,8 @@ class FoldedConv:
     def astype(self, dtype: npt.DTypeLike) -> FoldedConv:
         """Return a copy whose arrays have ``dtype``."""
         return FoldedConv(
-            _frozen(self.kernel.astype(dtype)),
-            _frozen(self.bias.astype(dtype)),
+            self.kernel.astype(dtype),
+            self.bias.astype(dtype),
             self.stride,
             self.pads,
             self.groups,
@@ -782,8 +783,8 @@ def fold(tree: Node) -> FoldedConv:
     dtype = np.result_type(*arrays) if arrays else np.dtype(np.float64)
     kernel = folded.full_kernel(folded.groups)
     return FoldedConv(
-        _frozen(kernel.astype(dtype)),
-        _frozen(folded.bias.astype(dtype)),
+        kernel.astype(dtype),
+        folded.bias.astype(dtype),
         folded.stride,
         folded.pads,
         folded.groups,
@@ -799,7 +800,7 @@ def _fold(node: Node) -> _Affine:
             in_channels=node.in_channels,
             stride=node.stride,
             pads=node.padding,
-            kernel=node.kernel.astype(np.float64),
+            kernel=node.kernel,  # promoted to float64 by the first arithmetic on it
             name=_describe(node),
         )
     if isinstance(node, Norm):

@@ -8,11 +8,12 @@ import numpy as np
 import numpy.typing as npt
 
 from ._checks import FloatArray, as_float_array, bias_vector, groups_divide, positive_int
+from .algebra import Conv, Node, Norm, Parallel, Sequential, fold
+from .conv import centred_padding
 from .errors import ReparamError
-from .kernels import identity_kernel, pad_kernel
 from .params import BatchNorm, ConvBias
 
-__all__ = ["fuse_block", "fuse_bn", "sum_branches"]
+__all__ = ["fuse_block", "fuse_bn", "repvgg_tree", "sum_branches"]
 
 
 def _working_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
@@ -198,10 +199,12 @@ def fuse_block(
     branch at padding ``p = K // 2``, the pointwise branch at padding
     ``p - (K - k) // 2`` and both at one stride and ``groups``. This returns
     the single ``K x K`` kernel and bias that compute the same with padding
-    ``p``, by composing the four steps of the derivation: fold each BN
-    (:func:`fuse_bn`), pad the small kernel (:func:`pad_kernel`), write the
-    identity as a kernel (:func:`identity_kernel`), and sum
-    (:func:`sum_branches`).
+    ``p``. It is the RepVGG special case of the branch algebra, one line over
+    it: ``fold(repvgg_tree(dense, pointwise, identity, groups=groups))``
+    (:func:`reparam.core.algebra.fold`), which takes the four steps of the
+    derivation: fold each BN (:func:`fuse_bn`), centre the small kernel
+    (:func:`pad_kernel`), write the identity as a kernel
+    (:func:`identity_kernel`), and sum (:func:`sum_branches`).
 
     Parameters
     ----------
@@ -307,14 +310,50 @@ def fuse_block(
         )
         arrays.append(identity.gamma)
 
-    result_dtype = np.result_type(*arrays)
-    work = _working_dtype(result_dtype)
-    branches = [fuse_bn(dense_kernel.astype(work, copy=False), dense_bn.astype(work))]
+    small = None
     if pointwise is not None and pointwise_kernel is not None:
-        small_kernel, small_bias = fuse_bn(pointwise_kernel.astype(work), pointwise_bn.astype(work))
-        branches.append(ConvBias(pad_kernel(small_kernel, size), small_bias))
+        small = (pointwise_kernel, pointwise_bn)
+    tree = repvgg_tree((dense_kernel, dense_bn), small, identity, groups=groups)
+    return fold(tree).as_conv_bias()
+
+
+def repvgg_tree(
+    dense: tuple[npt.ArrayLike, BatchNorm],
+    pointwise: tuple[npt.ArrayLike, BatchNorm] | None = None,
+    identity: BatchNorm | None = None,
+    *,
+    stride: int = 1,
+    groups: int = 1,
+) -> Parallel:
+    """Build a RepVGG block's train form as a tree of the algebra, every branch centred.
+
+    ``bn_d(conv(x, W_d)) + bn_p(conv(x, W_p)) + bn_i(x)``, each convolution
+    padded by its own kernel's :func:`~reparam.core.conv.centred_padding`, so
+    the pointwise kernel sits in the dense kernel's centre.
+
+    Parameters
+    ----------
+    dense, pointwise, identity
+        As in :func:`fuse_block`.
+    stride : int, default 1
+    groups : int, default 1
+
+    Returns
+    -------
+    Parallel
+        The tree :func:`fuse_block` folds, and that :class:`reparam.TrainBlock`
+        evaluates and folds.
+    """
+
+    def conv_bn(pair: tuple[npt.ArrayLike, BatchNorm], name: str) -> Sequential:
+        kernel = np.asarray(pair[0])
+        pads = (centred_padding(kernel.shape[2]), centred_padding(kernel.shape[3]))
+        conv = Conv(kernel, stride=stride, padding=pads, groups=groups, name=f"{name} conv")
+        return Sequential(conv, Norm(pair[1], name=f"{name} BatchNorm"), name=name)
+
+    branches: list[Node] = [conv_bn(dense, "dense")]
+    if pointwise is not None:
+        branches.append(conv_bn(pointwise, "pointwise"))
     if identity is not None:
-        eye = identity_kernel(out_channels, groups=groups, size=size, dtype=work)
-        branches.append(fuse_bn(eye, identity.astype(work)))
-    kernel, bias = sum_branches(*branches)
-    return ConvBias(kernel.astype(result_dtype, copy=False), bias.astype(result_dtype, copy=False))
+        branches.append(Norm(identity, name="identity"))
+    return Parallel(*branches, name="RepVGG block")

@@ -19,12 +19,11 @@ import numpy as np
 import numpy.typing as npt
 
 from ..core._checks import FloatArray, as_float_array, positive_int
+from ..core.algebra import Parallel, evaluate, fold, num_parameters
 from ..core.conv import conv2d, conv_output_size
 from ..core.errors import ReparamError
-from ..core.fusion import fuse_block, fuse_bn, sum_branches
-from ..core.kernels import identity_kernel, pad_kernel
-from ..core.norm import batch_norm
-from ..core.params import BatchNorm, ConvBias
+from ..core.fusion import repvgg_tree
+from ..core.params import BatchNorm
 from .architectures import (
     Architecture,
     BlockSpec,
@@ -163,38 +162,34 @@ class TrainBlock:
     @property
     def num_parameters(self) -> int:
         """Kernel sizes plus BatchNorm gamma and beta (running statistics excluded)."""
-        total = self.dense_kernel.size
-        if self.pointwise_kernel is not None:
-            total += self.pointwise_kernel.size
-        bns = (self.dense_bn, self.pointwise_bn, self.identity_bn)
-        return total + sum(2 * bn.channels for bn in bns if bn is not None)
+        return num_parameters(self.tree)
+
+    @functools.cached_property
+    def tree(self) -> Parallel:
+        """The block's branches as a tree of the algebra (:func:`reparam.core.fusion.repvgg_tree`).
+
+        Evaluating it runs the train form before the ReLU; folding it is the
+        deploy form. It is the one representation the block's computations walk.
+        """
+        pointwise = None
+        if self.pointwise_kernel is not None and self.pointwise_bn is not None:
+            pointwise = (self.pointwise_kernel, self.pointwise_bn)
+        return repvgg_tree(
+            (self.dense_kernel, self.dense_bn),
+            pointwise,
+            self.identity_bn,
+            stride=self.stride,
+            groups=self.groups,
+        )
 
     def __call__(self, x: FloatArray) -> FloatArray:
-        """Apply the block to ``x`` of shape (N, C_in, H, W)."""
-        size = self.dense_kernel.shape[2]
-        conv = {"stride": self.stride, "groups": self.groups}
-        out = batch_norm(conv2d(x, self.dense_kernel, padding=size // 2, **conv), self.dense_bn)
-        if self.pointwise_kernel is not None and self.pointwise_bn is not None:
-            out += batch_norm(conv2d(x, self.pointwise_kernel, **conv), self.pointwise_bn)
-        if self.identity_bn is not None:
-            out += batch_norm(x, self.identity_bn)
+        """Apply the block to ``x`` of shape (N, C_in, H, W): ``relu`` of the branches' sum."""
+        out = evaluate(self.tree, x)
         return np.maximum(out, 0, out=out)
 
     def reparameterize(self) -> DeployBlock:
-        """Fuse the branches into one convolution (see :func:`reparam.fuse_block`).
-
-        Blocks with more than ``CHUNK_ELEMENTS`` kernel entries take a faster
-        route to the same result (see :func:`_fuse_in_chunks`).
-        """
-        if self.dense_kernel.size > CHUNK_ELEMENTS:
-            kernel, bias = _fuse_in_chunks(self)
-        else:
-            pointwise = None
-            if self.pointwise_kernel is not None and self.pointwise_bn is not None:
-                pointwise = (self.pointwise_kernel, self.pointwise_bn)
-            kernel, bias = fuse_block(
-                (self.dense_kernel, self.dense_bn), pointwise, self.identity_bn, groups=self.groups
-            )
+        """Fuse the branches into one convolution: :func:`reparam.core.algebra.fold` of the tree."""
+        kernel, bias = fold(self.tree)
         kernel.setflags(write=False)
         bias.setflags(write=False)
         return DeployBlock(kernel, bias, self.stride, self.groups)
@@ -210,57 +205,6 @@ class TrainBlock:
             self.stride,
             self.groups,
         )
-
-
-#: Blocks whose 3x3 kernel has more entries than this are fused by
-#: :func:`_fuse_in_chunks`, in slices of output channels of about this size.
-CHUNK_ELEMENTS = 2**18
-
-
-def _bn_slice(bn: BatchNorm, start: int, stop: int) -> BatchNorm:
-    return BatchNorm(
-        bn.gamma[start:stop], bn.beta[start:stop], bn.mean[start:stop], bn.var[start:stop], bn.eps
-    )
-
-
-def _fuse_in_chunks(block: TrainBlock) -> ConvBias:
-    """Fuse a large block like :func:`fuse_block`, with fewer passes over the big kernel.
-
-    The same derivation, composed from the same core steps in float64 and
-    rounded once, in an order that touches the 3x3 kernel less often: the
-    two 1x1-sized branches (pointwise, and the identity written as a 1x1
-    kernel by :func:`identity_kernel`) are folded with :func:`fuse_bn` and
-    summed with :func:`sum_branches` at their small size, then padded once
-    with :func:`pad_kernel`. The dense kernel is folded and added in slices of
-    output channels (BatchNorm folding is per output channel), so the float64
-    temporaries stay in cache. RepVGG-B3 converts 3-5x faster than with one
-    :func:`fuse_block` call per block. The only difference from
-    :func:`fuse_block` is the order of the float64 sum at the centre tap,
-    ``d + (p + i)`` instead of ``(d + p) + i``: at most an ulp of float64.
-    """
-    work = np.dtype(np.float64)
-    dense = block.dense_kernel
-    out_channels, _, size, _ = dense.shape
-    small = []
-    if block.pointwise_kernel is not None and block.pointwise_bn is not None:
-        small.append(fuse_bn(block.pointwise_kernel.astype(work), block.pointwise_bn.astype(work)))
-    if block.identity_bn is not None:
-        eye = identity_kernel(out_channels, groups=block.groups, size=1, dtype=work)
-        small.append(fuse_bn(eye, block.identity_bn.astype(work)))
-    small_kernel, small_bias = sum_branches(*small) if small else (None, None)
-    dense_bn = block.dense_bn.astype(work)
-    step = max(block.groups, CHUNK_ELEMENTS // dense[0].size // block.groups * block.groups)
-    kernel = np.empty(dense.shape, dtype=dense.dtype)
-    bias = np.empty(out_channels, dtype=dense.dtype)
-    for start in range(0, out_channels, step):
-        stop = min(out_channels, start + step)
-        part = fuse_bn(dense[start:stop].astype(work), _bn_slice(dense_bn, start, stop))
-        if small_kernel is not None and small_bias is not None:
-            padded = pad_kernel(small_kernel[start:stop], size)
-            part = sum_branches(part, (padded, small_bias[start:stop]))
-        kernel[start:stop] = part.kernel
-        bias[start:stop] = part.bias
-    return ConvBias(kernel, bias)
 
 
 @dataclass(frozen=True, eq=False)
