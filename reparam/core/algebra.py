@@ -867,7 +867,9 @@ def _fold_pad(node: Pad, channels: int | None = None) -> _Affine:
         size,
         size,
         pads=node.padding,
-        pad_value=None if node.value is None else node.value.astype(np.float64),
+        pad_value=None
+        if node.value is None or not node.value.any()
+        else node.value.astype(np.float64),
         scale=np.ones(size),
         name=_describe(node),
     )
@@ -970,8 +972,8 @@ def _compose(first: _Affine, second: _Affine) -> _Affine:
 def _compose_general(first: _Affine, second: _Affine, pads: Pads, name: str) -> _Affine:
     """Per group: ``W[o, i, s1 v + u] = sum_m W2[o, m, v] W1[m, i, u]``; strides multiply."""
     groups = math.gcd(first.groups, second.groups)
-    inner = first.full_kernel(groups)  # (M, I/G, a_h, a_w)
-    outer = second.full_kernel(groups)  # (O, M/G, b_h, b_w)
+    inner = first.full_kernel(groups).astype(np.float64, copy=False)  # (M, I/G, a_h, a_w)
+    outer = second.full_kernel(groups).astype(np.float64, copy=False)  # (O, M/G, b_h, b_w)
     (a_h, a_w), (b_h, b_w) = inner.shape[2:], outer.shape[2:]
     s_h, s_w = first.stride
     size_h, size_w = a_h + s_h * (b_h - 1), a_w + s_w * (b_w - 1)

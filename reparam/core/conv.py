@@ -121,30 +121,24 @@ def _pad_values(value: Any, channels: int, *, func: str) -> FloatArray | None:
 def pad_input(x: FloatArray, pads: Pads, pad_value: FloatArray | None = None) -> FloatArray:
     """Pad (positive sides) and crop (negative sides) the spatial axes of an NCHW array.
 
-    ``pad_value`` is None (zeros) or one value per channel. Always returns a
-    new array (never a view of ``x``).
+    Along each axis, padded position ``j`` holds ``x[j - before]`` where that
+    index exists and the pad value elsewhere, for ``0 <= j < n + before +
+    after`` (so a crop deeper than the input reads padding, as the definition
+    says). ``pad_value`` is None (zeros) or one value per channel. Always
+    returns a new array (never a view of ``x``).
     """
     (top, bottom), (left, right) = pads
     height, width = x.shape[2:]
-    cropped = x[
-        :, :, max(0, -top) : height - max(0, -bottom), max(0, -left) : width - max(0, -right)
-    ]
-    grow = ((0, 0), (0, 0), (max(0, top), max(0, bottom)), (max(0, left), max(0, right)))
-    if pad_value is None:
-        return np.pad(cropped, grow)
-    out = np.empty(
-        (
-            x.shape[0],
-            x.shape[1],
-            cropped.shape[2] + grow[2][0] + grow[2][1],
-            cropped.shape[3] + grow[3][0] + grow[3][1],
-        ),
-        dtype=x.dtype,
-    )
-    out[...] = pad_value.astype(x.dtype)[None, :, None, None]
-    out[
-        :, :, grow[2][0] : grow[2][0] + cropped.shape[2], grow[3][0] : grow[3][0] + cropped.shape[3]
-    ] = cropped
+    out_h, out_w = height + top + bottom, width + left + right
+    out = np.zeros((x.shape[0], x.shape[1], max(0, out_h), max(0, out_w)), dtype=x.dtype)
+    if pad_value is not None:
+        out[...] = pad_value.astype(x.dtype)[None, :, None, None]
+    rows = (max(0, top), min(out_h, top + height))
+    cols = (max(0, left), min(out_w, left + width))
+    if rows[0] < rows[1] and cols[0] < cols[1]:
+        out[:, :, rows[0] : rows[1], cols[0] : cols[1]] = x[
+            :, :, rows[0] - top : rows[1] - top, cols[0] - left : cols[1] - left
+        ]
     return out
 
 
@@ -350,7 +344,7 @@ def avg_pool2d(
     stride_pair = (size_h, size_w) if stride is None else stride
     stride_h, stride_w = int_pair(stride_pair, func=func, name="stride", minimum=1)
     pads = normalize_padding(padding, func=func)
-    _check_span((size_h, size_w), inputs.shape[2:], pads, func=func, what="pooling window")
+    _check_span((size_h, size_w), inputs.shape[2:], pads, func=func, what="pooling window (size)")
     compute = _compute_dtype(inputs.dtype)
     padded = pad_input(inputs.astype(compute, copy=False), pads)
     windows = _windows(padded, (size_h, size_w), (stride_h, stride_w), (1, 1))
