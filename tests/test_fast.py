@@ -9,8 +9,12 @@ tile), in float32 and float64, within the project tolerance.
 from __future__ import annotations
 
 import math
+import mmap
 import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
@@ -157,6 +161,57 @@ def test_winograd_matrices_shapes(tile: int) -> None:
 def test_winograd_matrices_reject_other_tiles() -> None:
     with pytest.raises(ReparamError, match="winograd_matrices: unsupported tile; got 3"):
         winograd_matrices(3)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "quantum"),
+    [("winograd2", None), ("winograd4", 2.0**-10)],
+    ids=["winograd2", "winograd4"],
+)
+def test_float32_winograd_weights_are_the_float64_transform_rounded_once(
+    algorithm: str, quantum: float | None
+) -> None:
+    """``U = G k G^T`` is computed in float64 from the float32 kernel and rounded once, bit for bit.
+
+    The same transform in float32 arithmetic differs on these kernels (checked
+    below), so a stack that transforms in float32, or rounds in between, fails
+    here, while its outputs would still pass the 2e-5 equivalence tests.
+
+    Bit for bit is well defined on these kernels. F(2x2, 3x3)'s ``G`` holds 0,
+    +-1/2 and 1, so the float64 transform of float32 kernels is exact. F(4x4,
+    3x3)'s holds 1/6, 1/12 and 1/24: each entry of ``U`` is ``m / (9 * 2**a)``;
+    with kernels on a grid of ``2**-10`` (at most 13 significant bits) no entry is
+    zero or within 1/18 of a float32 ulp of a rounding tie, far beyond float64's
+    error, so every float64 summation order rounds to the same float32. (With
+    full 24-bit kernels about 1 entry in 200 is an exact float32 tie, and the
+    float64 summation order, not the contract, decides it.)
+    """
+    tile = 2 if algorithm == "winograd2" else 4
+    side = tile + 2
+    rng = np.random.default_rng(21)
+    kernel = random_array(rng, (6, 5, 3, 3), np.float64)  # (O, I, 3, 3)
+    if quantum is not None:
+        kernel = np.round(kernel / quantum) * quantum
+    kernel = kernel.astype(np.float32)
+    bias = random_array(rng, (6,), np.float32)
+    _, g, _ = winograd_matrices(tile)
+    # independently of the engine: one einsum instead of two tensordots, laid out (t*t, I, O)
+    u64 = np.einsum("ak,oikl,bl->abio", g, kernel.astype(np.float64), g)
+    expected = u64.astype(np.float32).reshape(side * side, 5, 6)
+    g32 = g.astype(np.float32)
+    in_float32 = np.einsum("ak,oikl,bl->abio", g32, kernel, g32).reshape(side * side, 5, 6)
+    assert in_float32.dtype == np.float32, "the counterexample must be float32 arithmetic"
+    assert not np.array_equal(in_float32, expected), (
+        f"F({tile}x{tile}, 3x3): float32 arithmetic gives the same weights; the test cannot fail"
+    )
+
+    stack = DeployStack([(kernel, bias, 1, 1)], algorithms=[algorithm], input_size=(8, 8))
+    assert stack.algorithms(8, 8) == [algorithm], f"the stack must use {algorithm}"
+    weights = stack._layer_weights(0, algorithm, np.dtype(np.float32))
+    assert weights.dtype == np.float32, f"float32 weights for a float32 stack; got {weights.dtype}"
+    np.testing.assert_array_equal(
+        weights, expected, err_msg=f"{algorithm} weights are not G k G^T in float64 rounded once"
+    )
 
 
 # ----------------------------------------------------------------- equivalence
@@ -371,11 +426,42 @@ def test_requested_winograd_falls_back_where_it_does_not_apply() -> None:
 
 
 def test_profile_times_every_layer() -> None:
+    """Each layer's entry is the time of that layer's own work, summed over the chunks.
+
+    A fake clock advances by one unit each time a prepared call of a layer runs,
+    and at no other time: a layer's entry must then be exactly the number of its
+    calls that ran (timing the wrong span, attributing time to the wrong layer,
+    not summing the chunks or not running the work all change it).
+    """
     case = StackCase((3, 8, 8), (1, 1), (2, 1), ("im2col", "winograd2"), 2, 8, 8, seed=9)
-    stack = DeployStack(case.layers(np.float32), algorithms=case.algorithms)
-    timings = stack.profile(case.x(np.float32))
+    stack = DeployStack(case.layers(np.float32), algorithms=case.algorithms, max_chunk_bytes=1)
+    x = case.x(np.float32)
+
+    timings = stack.profile(x)  # the real clock
     assert [name for name, _ in timings] == ["im2col", "winograd2"], f"{timings}"
-    assert all(seconds >= 0.0 for _, seconds in timings), f"{timings}"
+    assert all(math.isfinite(seconds) and seconds > 0.0 for _, seconds in timings), f"{timings}"
+
+    now = [0.0]
+    ran = [0, 0]
+    prepared = DeployStack._tasks
+
+    def counted(
+        self: DeployStack, plan: Any, index: int, start: int, stop: int
+    ) -> list[Callable[[], None]]:
+        def tick(task: Callable[[], None]) -> None:
+            task()
+            now[0] += 1.0
+            ran[index] += 1
+
+        return [partial(tick, task) for task in prepared(self, plan, index, start, stop)]
+
+    clock = SimpleNamespace(perf_counter=lambda: now[0])
+    with mock.patch.object(fast, "time", clock), mock.patch.object(DeployStack, "_tasks", counted):
+        timings = stack.profile(x)
+    assert ran[0] >= 2 and ran[1] >= 2, f"one chunk per image, every layer runs in each: {ran}"
+    assert timings == [("im2col", float(ran[0])), ("winograd2", float(ran[1]))], (
+        f"each layer's time must be exactly its own calls ({ran}); got {timings}"
+    )
 
 
 # ----------------------------------------------------------------- errors
@@ -495,12 +581,43 @@ def test_weights_for_the_prepared_size_are_computed_once_when_built() -> None:
     assert stack.weight_bytes == grown, "weights for a size are computed only once"
 
 
+@pytest.mark.skipif(not hasattr(mmap, "MAP_ANONYMOUS"), reason="no anonymous mappings here")
 def test_large_buffers_from_a_fresh_mapping() -> None:
-    """From 2 MiB up, the buffers come from one anonymous memory mapping."""
+    """A call's buffers all lie in one fresh anonymous mapping, kept for later calls of that shape.
+
+    Not recycled heap memory from ``np.empty`` (see ``_fresh_memory``): the
+    mapping is spied on, and every padded buffer and scratch array of the call's
+    plan must lie inside the one mapping the call made.
+    """
     case = StackCase((3, 16, 16, 16), (1, 1, 2), (2, 1, 1), None, 3, 96, 80, seed=13)
     layers, x = case.layers(np.float32), case.x(np.float32)
-    stack = DeployStack(layers, input_size=(96, 80))
-    assert stack.scratch_bytes(96, 80, batch=3) >= 2 * 2**20, "the case must be large enough"
+    stack = DeployStack(layers, input_size=(96, 80))  # its weights are mapped now, not below
+    needed = stack.scratch_bytes(96, 80, batch=3)
+    assert needed >= 2 * 2**20, f"the case must need large buffers; {needed} bytes"
+    real_mmap = mmap.mmap
+    made: list[tuple[tuple[Any, ...], dict[str, Any], mmap.mmap]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> mmap.mmap:
+        mapping = real_mmap(*args, **kwargs)
+        made.append((args, kwargs, mapping))
+        return mapping
+
     expected, scale = reference_stack(x, layers)
-    assert_close(stack(x), expected, dtype=np.float32, scale=scale, what="96x80, mapped buffers")
-    assert_close(stack(x), expected, dtype=np.float32, scale=scale, what="second call")
+    with mock.patch.object(mmap, "mmap", spy):
+        assert_close(stack(x), expected, dtype=np.float32, scale=scale, what="96x80, mapped")
+        assert_close(stack(x), expected, dtype=np.float32, scale=scale, what="second call")
+    assert len(made) == 1, f"one mapping for the shape, reused by the second call; got {len(made)}"
+    args, kwargs, mapping = made[0]
+    assert args[:2] == (-1, len(mapping)) and len(mapping) >= needed, (
+        f"an anonymous mapping of at least {needed} bytes; got mmap{args}"
+    )
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    assert kwargs.get("flags") == flags, f"private anonymous flags {flags}; got {kwargs}"
+    start = np.frombuffer(mapping, dtype=np.uint8).ctypes.data
+    (plan,) = stack._plans.values()
+    arrays = [*plan.buffers, *(slot for arena in plan.arenas for slot in arena.slots.values())]
+    for i, array in enumerate(arrays):
+        first, last = array.ctypes.data, array.ctypes.data + array.nbytes
+        assert start <= first and last <= start + len(mapping), (
+            f"array {i} of the plan ({array.shape}) lies outside the mapping"
+        )

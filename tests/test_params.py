@@ -146,3 +146,53 @@ def test_batch_norm_matches_definition(
     )
     scale = float(np.max(magnitude, initial=0.0))
     assert_close(result, batch_norm_loops(x, bn), dtype=dtype, scale=scale, what="batch_norm")
+
+
+def test_float32_batch_norm_factor_is_computed_in_float64_and_rounded_once() -> None:
+    """The documented contract, bit for bit: ``gamma / sqrt(var + eps)`` in float64, rounded once.
+
+    The statistics are chosen so that computing the factor in float32 arithmetic
+    (two roundings more) gives a different float32 factor on some channels, so a
+    regression to float32 arithmetic, in ``batch_norm`` or in ``BatchNorm.scale``,
+    fails here; the 2e-5 tolerance of the definition test above cannot see 1 ulp.
+    """
+    rng = np.random.default_rng(0)
+    channels, eps = 16, 1e-5
+    gamma = rng.uniform(0.5, 2.0, channels).astype(np.float32)
+    beta = rng.uniform(-1.0, 1.0, channels).astype(np.float32)
+    mean = rng.uniform(-1.0, 1.0, channels).astype(np.float32)
+    var = rng.uniform(0.1, 4.0, channels).astype(np.float32)
+    bn = BatchNorm(gamma, beta, mean, var, eps=eps)
+    x = random_array(rng, (2, channels, 3, 5), np.float32, scale=10.0)
+
+    once = (gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)).astype(np.float32)
+    in_float32 = gamma / np.sqrt(var + np.float32(eps))
+    assert in_float32.dtype == np.float32, "the counterexample must be float32 arithmetic"
+    differing = np.flatnonzero(once != in_float32)
+    assert differing.size > 0, "no channel tells float64 rounded once from float32 arithmetic"
+
+    scale = bn.scale(np.float32)
+    assert scale.dtype == np.float32, f"BatchNorm.scale(float32) dtype {scale.dtype}"
+    np.testing.assert_array_equal(
+        scale,
+        once,
+        err_msg="BatchNorm.scale is not gamma / sqrt(var + eps) in float64 rounded once",
+    )
+    np.testing.assert_array_equal(bn.scale(), once, err_msg="BatchNorm.scale() in its own dtype")
+
+    def apply(factor: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        # one float32 rounding per operation: (x - mean), times the factor, plus beta
+        axes = (slice(None), None, None)
+        result: npt.NDArray[np.float32] = (x - mean[axes]) * factor[axes] + beta[axes]
+        return result
+
+    expected, float32_path = apply(once), apply(in_float32)
+    assert expected.dtype == np.float32, f"the expected output is float32; got {expected.dtype}"
+    assert not np.array_equal(expected[:, differing], float32_path[:, differing]), (
+        f"the factors differ on channels {differing} but the outputs do not: the test cannot fail"
+    )
+    result = batch_norm(x, bn)
+    assert result.dtype == np.float32, f"float32 stays float32; got {result.dtype}"
+    np.testing.assert_array_equal(
+        result, expected, err_msg="batch_norm's float32 factor is not the float64 one rounded once"
+    )
