@@ -152,11 +152,12 @@ def _verify(args: argparse.Namespace) -> int:
     _progress(f"fusing {len(model.blocks)} blocks ...")
     deploy = model.reparameterize()
     _progress(f"running both forms on a {x.shape} input ...")
-    train_logits = model(x)
-    deploy_logits = deploy(x)
-    difference = float(np.max(np.abs(train_logits - deploy_logits)))
-    magnitude = float(np.max(np.abs(train_logits)))
-    relative = difference / magnitude if magnitude > 0 else difference
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite logits are reported below
+        train_logits = model(x)
+        deploy_logits = deploy(x)
+        difference = float(np.max(np.abs(train_logits - deploy_logits)))
+        magnitude = float(np.max(np.abs(train_logits)))
+        relative = difference / magnitude if magnitude > 0 else difference
     agree = float(np.mean(train_logits.argmax(axis=1) == deploy_logits.argmax(axis=1)))
     tolerance = VERIFY_TOLERANCE[model.dtype]
     _out(f"architecture: {model.arch or 'custom'} ({model.layout} layout, {model.dtype})")
@@ -190,7 +191,14 @@ def _run(args: argparse.Namespace) -> int:
             )
     model = _load(args.weights, args).model
     _progress(f"running the {model.form} form on {x.shape} ...")
-    logits = model(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        logits = model(x)
+    bad = int(np.count_nonzero(~np.isfinite(logits)))
+    if bad:
+        raise ReparamError(
+            f"run: {bad:,} of the {logits.size:,} logits are not finite (NaN or inf); the "
+            f"weights overflow {model.dtype} on this input; nothing was written"
+        )
     with _file_errors(args.output, "write"):
         save_array(args.output, logits)
     _out(f"{model.form} form, {model.arch or 'custom'}: logits {logits.shape} -> {args.output}")

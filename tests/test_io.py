@@ -344,11 +344,11 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_write_that_fails_midway_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def failing_savez(stream: Any, **arrays: Any) -> None:
-        stream.write(b"PK partial")
+    def failing_write_array(stream: Any, array: Any, **options: Any) -> None:
+        stream.write(b"\x93NUMPY partial")
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(np, "savez", failing_savez)
+    monkeypatch.setattr(np.lib.format, "write_array", failing_write_array)
     with pytest.raises(OSError, match="Input/output error"):
         write_tensors(tmp_path / "x.npz", {"a": np.ones(3)})
     assert list(tmp_path.iterdir()) == [], "partial file left"

@@ -125,8 +125,8 @@ def shown(text: object, limit: int = 80) -> str:
 
 
 def shown_path(path: str | os.PathLike[str]) -> str:
-    """Return a path as messages name it: as the user gave it, at most 50 characters."""
-    return shown(os.fspath(path), 50)
+    """Return a path as messages name it: as the user gave it (only absurd lengths shortened)."""
+    return shown(os.fspath(path), 120)
 
 
 def listing(items: Sequence[str], *, budget: int = 150) -> str:
@@ -401,9 +401,9 @@ def _unpickling_message(exc: pickle.UnpicklingError, name: str) -> str | None:
     found = re.search(r"Unsupported operand (\d+)", text)
     if found:
         return (
-            f"load: {name} uses pickle instructions (opcode {found.group(1)}) that PyTorch's "
-            "safe loader does not run, and reparam will not unpickle it unsafely; hint: save it "
-            "again with torch.save's default pickle protocol, or convert to .safetensors"
+            f"load: {name}: PyTorch's safe loader stops at pickle opcode {found.group(1)} (the "
+            "file is damaged, or uses a pickle protocol it does not run) and reparam will not "
+            "unpickle unsafely; hint: save it again with torch.save's defaults, or as .safetensors"
         )
     return None
 
@@ -726,7 +726,11 @@ def write_tensors(path: str | os.PathLike[str], tensors: Mapping[str, npt.ArrayL
     if suffix == ".npz":
 
         def write(stream: IO[bytes]) -> None:
-            np.savez(stream, **arrays)  # type: ignore[arg-type]
+            # what numpy.savez writes, without its keyword arguments (a tensor may be named "file")
+            with zipfile.ZipFile(stream, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                for key, array in arrays.items():
+                    with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, array, allow_pickle=False)
 
     elif suffix == ".safetensors":
         payload = _import_safetensors(func).save(arrays)

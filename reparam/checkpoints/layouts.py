@@ -138,18 +138,15 @@ def detect_layout(keys: Any) -> Layout:
     if len(found) != 1:
         if found:
             problem = "both the official (stage0.rbr_dense...) and the timm (stem.conv_kxk...)"
-            hint = "hint: choose one with --layout official|timm (layout= in Python)"
+            hint = "hint: --layout official|timm chooses one"
         else:
             problem = "neither the official (stage0.rbr_dense...) nor the timm (stem.conv_kxk...)"
-            hint = (
-                "hint: is this a RepVGG checkpoint? --layout official|timm (layout= in Python) "
-                "forces a layout"
-            )
-        sample = ", ".join(shown(key, 40) for key in names[:2]) or "no keys"
-        more = f", ... ({len(names)} keys)" if len(names) > 2 else ""
-        raise ReparamError(
-            f"detect_layout: the keys match {problem} layout; got {sample}{more}; {hint}"
-        )
+            hint = "hint: not a RepVGG? --layout official|timm forces a layout"
+        sample = ", ".join(shown(key, 30) for key in names[:2])
+        more = ", ..." if len(names) > 2 else ""
+        count = f"{len(names)} key{'s' if len(names) != 1 else ''}"
+        got = f"{sample}{more} ({count})" if names else "no keys"
+        raise ReparamError(f"detect_layout: the keys match {problem} layout; got {got}; {hint}")
     layout: Layout = "official" if "official" in found else "timm"
     return layout
 

@@ -421,9 +421,19 @@ def _problems_error(
     return ReparamError(f"{source} does not fit a RepVGG ({layout} layout): {found}{hint}")
 
 
+def _layout_of(keys: Any, layout: Layout | None, *, source: str) -> Layout:
+    """Return the forced layout, or the one detected from the keys (errors name ``source``)."""
+    if layout is not None:
+        return check_layout(layout, func=source.split(":")[0])
+    try:
+        return detect_layout(keys)
+    except ReparamError as exc:
+        raise ReparamError(f"{source}: {str(exc).removeprefix('detect_layout: ')}") from None
+
+
 def _check_keys(keys: list[str], *, layout: Layout | None, source: str) -> None:
     """Refuse a checkpoint from its key names alone, before any tensor is read."""
-    chosen = detect_layout(keys) if layout is None else check_layout(layout, func="load")
+    chosen = _layout_of(keys, layout, source=source)
     problems: list[str] = []
     parsed, _ = _parse_keys(dict.fromkeys(keys), chosen, problems)
     _check_positions(list(parsed), chosen, problems)
@@ -440,7 +450,7 @@ def _from_state_dict(
     source: str,
 ) -> RepVGG:
     func = "from_state_dict"
-    chosen = detect_layout(tensors.keys()) if layout is None else check_layout(layout, func=func)
+    chosen = _layout_of(tensors.keys(), layout, source=source)
     expected_arch = None if arch is None else canonical_architecture(arch)
     problems: list[str] = []
     parsed, head = _parse_keys(tensors, chosen, problems)
