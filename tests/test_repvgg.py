@@ -22,7 +22,6 @@ from reparam import (
     RepVGG,
     TrainBlock,
     block_specs,
-    fuse_block,
 )
 from reparam.engine import DeployStack
 from reparam.models.architectures import (
@@ -268,58 +267,62 @@ def test_create_gives_non_trivial_batch_norms() -> None:
         assert np.std(bn.mean) > 0.05 and np.std(bn.beta) > 0.05, f"BN mean/beta trivial: {bn}"
 
 
-# ------------------------------------------------------------------- the chunked fusion path
+# ------------------------------------------------------------------- fusion of large blocks
 
 
-@pytest.mark.parametrize("branches", ["all", "no 1x1", "no identity", "dense only"])
+@pytest.mark.parametrize("eps", [1e-3, 1e-5])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_chunked_fusion_equals_fuse_block(
-    monkeypatch: pytest.MonkeyPatch, dtype: type, branches: str
-) -> None:
-    """Large blocks take the sliced route; it must give fuse_block's result."""
-    specs = (
-        ("stage0", BlockSpec(3, 12, 2, 1)),
-        ("stage1.0", BlockSpec(12, 12, 1, 4)),  # grouped, identity
-        ("stage1.1", BlockSpec(12, 12, 1, 1)),  # identity
-    )
-    model = RepVGG.from_specs(specs, num_classes=2, dtype=dtype)
-    monkeypatch.setattr(repvgg, "CHUNK_ELEMENTS", 40)  # slices of a few channels
-    for name, full in model.blocks:
-        assert isinstance(full, TrainBlock), name
-        keep_1x1 = branches in ("all", "no identity")
-        keep_identity = branches in ("all", "no 1x1")
-        block = TrainBlock(
-            full.dense_kernel,
-            full.dense_bn,
-            full.pointwise_kernel if keep_1x1 else None,
-            full.pointwise_bn if keep_1x1 else None,
-            full.identity_bn if keep_identity else None,
-            full.stride,
-            full.groups,
-        )
-        chunked = block.reparameterize()
-        pointwise = None
-        if block.pointwise_kernel is not None and block.pointwise_bn is not None:
-            pointwise = (block.pointwise_kernel, block.pointwise_bn)
-        kernel, bias = fuse_block(
-            (block.dense_kernel, block.dense_bn), pointwise, block.identity_bn, groups=block.groups
-        )
-        assert chunked.kernel.dtype == np.dtype(dtype), f"{name}: dtype {chunked.kernel.dtype}"
-        assert_close(chunked.kernel, kernel, dtype=dtype, what=f"{name} {branches} kernel")
-        assert_close(chunked.bias, bias, dtype=dtype, what=f"{name} {branches} bias")
+def test_large_block_fusion_uses_each_batchnorms_eps(eps: float, dtype: type) -> None:
+    """A RepVGG-B-sized block (192 -> 192, groups 2) fuses with the eps of its BatchNorms.
 
+    The expected kernel is written out here, independently of reparam: each
+    BN's factor ``gamma / sqrt(var + eps)`` in float64, the 1x1 kernel and the
+    identity added at the centre tap. Dropping eps anywhere (a kernel error of
+    about 1% at eps 1e-3 with these variances) fails it.
+    """
+    rng = np.random.default_rng(5)
+    channels, groups = 192, 2
+    per_group = channels // groups
 
-# ------------------------------------------------------------------- errors name the block
+    def bn() -> reparam.BatchNorm:
+        return reparam.BatchNorm(
+            rng.uniform(0.5, 1.5, channels).astype(dtype),
+            rng.normal(0, 0.2, channels).astype(dtype),
+            rng.normal(0, 0.2, channels).astype(dtype),
+            rng.uniform(0.05, 0.2, channels).astype(dtype),  # small: eps matters
+            eps=eps,
+        )
+
+    dense = rng.standard_normal((channels, per_group, 3, 3)).astype(dtype)
+    pointwise = rng.standard_normal((channels, per_group, 1, 1)).astype(dtype)
+    bns = [bn(), bn(), bn()]
+    block = TrainBlock(dense, bns[0], pointwise, bns[1], bns[2], 1, groups)
+    fused = block.reparameterize()
+
+    def factor(norm: reparam.BatchNorm) -> np.ndarray:
+        return norm.gamma.astype(np.float64) / np.sqrt(norm.var.astype(np.float64) + eps)
+
+    def shift(norm: reparam.BatchNorm) -> np.ndarray:
+        return norm.beta.astype(np.float64) - norm.mean.astype(np.float64) * factor(norm)
+
+    kernel = dense.astype(np.float64) * factor(bns[0])[:, None, None, None]
+    kernel[:, :, 1, 1] += pointwise[:, :, 0, 0].astype(np.float64) * factor(bns[1])[:, None]
+    rows = np.arange(channels)
+    kernel[rows, rows % per_group, 1, 1] += factor(bns[2])
+    bias = shift(bns[0]) + shift(bns[1]) + shift(bns[2])
+    assert fused.kernel.dtype == np.dtype(dtype), f"dtype {fused.kernel.dtype}"
+    assert_close(fused.kernel, kernel, dtype=dtype, what=f"kernel at eps {eps}")
+    assert_close(fused.bias, bias, dtype=dtype, what=f"bias at eps {eps}")
 
 
 def test_core_errors_are_reraised_with_the_block(monkeypatch: pytest.MonkeyPatch) -> None:
     model = RepVGG.create(TINY, num_classes=5)
 
     def failing(*args: object, **kwargs: object) -> None:
-        raise ReparamError("fuse_block: something is wrong; got X, expected Y")
+        raise ReparamError("fold: something is wrong; got X, expected Y")
 
-    monkeypatch.setattr(repvgg, "fuse_block", failing)
-    with pytest.raises(ReparamError, match=r"^stage0 \(stride 2, groups 1\): fuse_block: "):
+    monkeypatch.setattr(repvgg, "fold", failing)
+    with pytest.raises(ReparamError, match=r"^stage0 \(stride 2, groups 1\): fold: "):
         model.reparameterize()
 
 
@@ -329,7 +332,7 @@ def test_forward_errors_name_the_block(monkeypatch: pytest.MonkeyPatch) -> None:
     def failing(*args: object, **kwargs: object) -> None:
         raise ReparamError("conv2d: broken")
 
-    monkeypatch.setattr(repvgg, "conv2d", failing)
+    monkeypatch.setattr(repvgg, "evaluate", failing)
     with pytest.raises(ReparamError, match=r"^stage0 \(stride 2, groups 1\): conv2d: broken"):
         model(np.zeros((1, 3, 8, 8), np.float32))
 
