@@ -29,6 +29,7 @@ from tolerances import DTYPES, assert_close
 from reparam import ReparamError, conv2d
 from reparam.engine import ALGORITHMS, DeployStack, choose_algorithm, winograd_matrices
 from reparam.engine import stack as fast
+from reparam.engine import workers as engine_workers
 
 Layer = tuple[npt.NDArray[Any], npt.NDArray[Any], int, int]
 
@@ -562,7 +563,7 @@ def test_scratch_bytes_do_not_depend_on_the_batch_beyond_one_chunk() -> None:
 def test_threads_change_nothing(case: StackCase, threads: int) -> None:
     layers, x = case.layers(np.float32), case.x(np.float32)
     single = DeployStack(layers, algorithms=case.algorithms, threads=1)(x)
-    with mock.patch.object(fast, "_PARALLEL_ELEMENTS", 0):  # split even the tiniest copies
+    with mock.patch.object(engine_workers, "PARALLEL_ELEMENTS", 0):  # split even the tiniest copies
         multi = DeployStack(layers, algorithms=case.algorithms, threads=threads)(x)
     # the copies are exact; the bands of rows change only the matrix products' row counts
     assert_close(multi, single, dtype=np.float32, what=f"{threads} threads")

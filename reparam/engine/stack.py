@@ -35,115 +35,57 @@ followed by its bias and a ReLU, and does it as fast as NumPy allows:
 
 from __future__ import annotations
 
-import mmap
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from numpy.lib.stride_tricks import sliding_window_view
 
 from ..core._checks import FloatArray, as_float_array, int_pair, positive_int
 from ..core.errors import ReparamError
+from . import workers
+from .im2col import gemm_weights, gemm_weights_nchw, im2col_nchw_task, im2col_task, reads_nchw
+from .layers import Layer, check_layer, output_size, winograd_allowed
+from .memory import Arena, Pool
+from .winograd import tile_side, winograd_matrices, winograd_task, winograd_weights
+from .workers import Workers
 
 __all__ = ["ALGORITHMS", "DeployStack", "choose_algorithm", "winograd_matrices"]
+
+
+#: How each algorithm lays out a layer's weights, computed once when the stack is built
+#: (``im2col_nchw`` is the first layer's im2col read straight from NCHW planes). An
+#: algorithm is one module (im2col.py, winograd.py) plus its entry here.
+PREPARE_WEIGHTS: dict[str, Callable[[Layer, np.dtype[Any]], FloatArray]] = {
+    "im2col": gemm_weights,
+    "im2col_nchw": gemm_weights_nchw,
+    "winograd2": partial(winograd_weights, tile=2),
+    "winograd4": partial(winograd_weights, tile=4),
+}
 
 #: The algorithms a layer can use; Winograd needs stride 1 and groups 1.
 ALGORITHMS: tuple[str, ...] = ("im2col", "winograd2", "winograd4")
 
+
 #: Above this many input channels, F(4x4, 3x3) is not used (float32 error, memory).
 _WIDE = 256
+
 
 #: F(4x4, 3x3) is used on images at least this large (see choose_algorithm).
 _F4_SIDE = 24
 
-#: A first layer with at most this many input channels reads NCHW (see _reads_nchw).
-_NCHW_CHANNELS = 4
-
-#: Copies smaller than this many elements are not worth splitting across threads.
-_PARALLEL_ELEMENTS = 1 << 15
 
 #: Default bound on the scratch of one layer call (columns, Winograd tiles): large
 #: layers then run a few images at a time on data that stays in cache.
 DEFAULT_LAYER_BYTES = 8 * 2**20
 
+
 #: Default bound on the buffers of one chunk of images.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
-
-
-def winograd_matrices(tile: int) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Return the transforms ``(B^T, G, A^T)`` of Winograd's F(m x m, 3 x 3), ``m = tile``.
-
-    Parameters
-    ----------
-    tile : {2, 4}
-        Output tile side ``m``; the input tile side is ``t = m + 2``.
-
-    Returns
-    -------
-    tuple of ndarray, shapes (t, t), (t, 3), (m, t)
-        Input transform ``B^T``, kernel transform ``G`` and output transform
-        ``A^T`` in float64, such that a 1-D correlation of a length-``t``
-        input ``d`` with a 3-tap kernel ``g`` is ``A^T [(G g) * (B^T d)]``.
-
-    Raises
-    ------
-    ReparamError
-        If ``tile`` is not 2 or 4.
-
-    Notes
-    -----
-    The interpolation points are 0, 1, -1 (and 2, -2 for ``m = 4``) and
-    infinity, the choice of Lavin & Gray (2016) that keeps the coefficients
-    small. The 2-D algorithm nests the 1-D one: ``Y = A^T [(G g G^T) *
-    (B^T d B)] A``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> bt, g, at = winograd_matrices(2)
-    >>> d, k = np.arange(4.0), np.array([1.0, 2.0, 3.0])
-    >>> at @ ((g @ k) * (bt @ d))
-    array([ 8., 14.])
-    """
-    if tile == 2:
-        bt = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], float)
-        g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
-        at = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], float)
-        return bt, g, at
-    if tile == 4:
-        bt = np.array(
-            [
-                [4, 0, -5, 0, 1, 0],
-                [0, -4, -4, 1, 1, 0],
-                [0, 4, -4, -1, 1, 0],
-                [0, -2, -1, 2, 1, 0],
-                [0, 2, -1, -2, 1, 0],
-                [0, 4, 0, -5, 0, 1],
-            ],
-            float,
-        )
-        g = np.array(
-            [
-                [1 / 4, 0, 0],
-                [-1 / 6, -1 / 6, -1 / 6],
-                [-1 / 6, 1 / 6, -1 / 6],
-                [1 / 24, 1 / 12, 1 / 6],
-                [1 / 24, -1 / 12, 1 / 6],
-                [0, 0, 1],
-            ]
-        )
-        at = np.array(
-            [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
-            float,
-        )
-        return bt, g, at
-    raise ReparamError(f"winograd_matrices: unsupported tile; got {tile!r}, expected 2 or 4")
 
 
 def choose_algorithm(
@@ -192,206 +134,6 @@ def choose_algorithm(
 
 
 @dataclass(frozen=True)
-class _Layer:
-    """One validated deploy layer and its precomputed float64 weights."""
-
-    kernel: FloatArray  # (O, I/g, 3, 3) as given
-    bias: FloatArray  # (O,)
-    stride: int
-    groups: int
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.kernel.shape[1]) * self.groups
-
-    @property
-    def out_channels(self) -> int:
-        return int(self.kernel.shape[0])
-
-
-def _output_size(size: int, stride: int) -> int:
-    """Output length of a 3-tap, padding-1 convolution."""
-    return (size - 1) // stride + 1
-
-
-def _gemm_weights(layer: _Layer, dtype: np.dtype[Any]) -> FloatArray:
-    """im2col weights ``(groups, 9 * I/g + 1, O/g)``: rows in (kh, kw, c) order, then the bias."""
-    groups = layer.groups
-    out_per_group = layer.out_channels // groups
-    per_group = layer.kernel.shape[1]
-    kernel = layer.kernel.astype(np.float64).reshape(groups, out_per_group, per_group, 3, 3)
-    matrix = np.empty((groups, 9 * per_group + 1, out_per_group))
-    matrix[:, :-1] = kernel.transpose(0, 3, 4, 2, 1).reshape(groups, 9 * per_group, out_per_group)
-    matrix[:, -1] = layer.bias.astype(np.float64).reshape(groups, out_per_group)
-    return matrix.astype(dtype)
-
-
-def _gemm_weights_nchw(layer: _Layer, dtype: np.dtype[Any]) -> FloatArray:
-    """First-layer im2col weights ``(9 * I + 1, O)``: rows in (c, kh, kw) order, then the bias."""
-    taps = 9 * layer.in_channels
-    matrix = np.empty((taps + 1, layer.out_channels))
-    matrix[:-1] = layer.kernel.astype(np.float64).reshape(layer.out_channels, taps).T
-    matrix[-1] = layer.bias
-    return matrix.astype(dtype)
-
-
-def _winograd_weights(layer: _Layer, tile: int, dtype: np.dtype[Any]) -> FloatArray:
-    """Transform the kernels, ``U = G k G^T``, laid out ``(t * t, I, O)``, in float64."""
-    _, g, _ = winograd_matrices(tile)
-    side = tile + 2
-    kernel = layer.kernel.astype(np.float64)  # (O, I, 3, 3)
-    # two large products (not millions of 3x3 ones): contract the rows, then the columns
-    rows = np.tensordot(g, kernel, axes=(1, 2))  # (t, O, I, 3)
-    transformed = np.tensordot(rows, g, axes=(3, 1))  # (t, O, I, t)
-    matrix = np.empty((side, side, layer.in_channels, layer.out_channels), dtype=dtype)
-    np.copyto(matrix, transformed.transpose(0, 3, 2, 1), casting="unsafe")
-    return matrix.reshape(side * side, layer.in_channels, layer.out_channels)
-
-
-_TRANSFORMS: dict[tuple[int, np.dtype[Any]], tuple[FloatArray, FloatArray]] = {}
-
-
-def _transforms(tile: int, dtype: np.dtype[Any]) -> tuple[FloatArray, FloatArray]:
-    """``(B^T, A^T)`` in ``dtype`` (their entries are small integers: exact in any float)."""
-    key = (tile, np.dtype(dtype))
-    if key not in _TRANSFORMS:
-        bt, _, at = winograd_matrices(tile)
-        _TRANSFORMS[key] = (bt.astype(dtype), at.astype(dtype))
-    return _TRANSFORMS[key]
-
-
-class _Arena:
-    """Flat scratch arrays handed out as shaped views; grown, never shrunk."""
-
-    def __init__(self, dtype: np.dtype[Any]) -> None:
-        self.dtype = dtype
-        self.slots: dict[str, FloatArray] = {}
-
-    def get(self, name: str, shape: tuple[int, ...]) -> FloatArray:
-        size = int(np.prod(shape))
-        slot = self.slots.get(name)
-        if slot is None or slot.size < size:
-            slot = np.empty(size, dtype=self.dtype)
-            self.slots[name] = slot
-        return slot[:size].reshape(shape)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.slots.values())
-
-
-class _Pool:
-    """One allocation carved into arrays at page-aligned, staggered offsets."""
-
-    def __init__(self, sizes: list[int], dtype: np.dtype[Any]) -> None:
-        self.dtype = dtype
-        spans = [self._span(size) for size in sizes]
-        self.block = _fresh_memory(sum(spans) + _HUGE_PAGE)
-        self.offset = -self.block.ctypes.data % _HUGE_PAGE
-        self.count = 0
-
-    def _span(self, size: int) -> int:
-        raw = size * self.dtype.itemsize + _STAGGER * (_STAGGERS - 1)
-        return -(-raw // _PAGE) * _PAGE
-
-    def take(self, shape: tuple[int, ...], *, zero: bool) -> FloatArray:
-        size = int(np.prod(shape))
-        # successive arrays start at different offsets within a page, so that streams
-        # through several of them do not collide in the same cache sets (4K aliasing)
-        start = self.offset + _STAGGER * (self.count % _STAGGERS)
-        view = self.block[start : start + size * self.dtype.itemsize].view(self.dtype)
-        self.offset += self._span(size)
-        self.count += 1
-        array = view.reshape(shape)
-        if zero:
-            array.fill(0)
-        return array
-
-
-def _fresh_memory(nbytes: int) -> npt.NDArray[np.uint8]:
-    """Bytes from a fresh anonymous mapping, with huge pages requested where the OS has them.
-
-    Not whatever recycled heap pages ``malloc`` hands out after other code freed
-    large arrays: the same buffers then run up to 1.5x slower (measured on
-    RepVGG-A0, batch 8), while a fresh mapping behaves the same every time.
-    """
-    if nbytes < _HUGE_PAGE or not hasattr(mmap, "MAP_ANONYMOUS"):
-        return np.empty(nbytes, dtype=np.uint8)
-    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    return np.frombuffer(mapping, dtype=np.uint8)
-
-
-_HUGE_PAGE = 2 * 2**20
-_PAGE = 4096
-_STAGGER = 256
-_STAGGERS = 8
-
-
-class _Workers:
-    """Threads for the copies NumPy runs on one core (it releases the GIL inside them).
-
-    BLAS already spreads each matrix product over the cores; the gathers and
-    the ReLU scatters between them would otherwise run on one. Work is split
-    along an axis into ``threads`` parts; the calling thread does one part.
-    """
-
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
-        self._pool: ThreadPoolExecutor | None = None
-
-    def run(self, tasks: Sequence[Callable[[], object]]) -> None:
-        if self.threads <= 1 or len(tasks) <= 1:
-            for task in tasks:
-                task()
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="reparam")
-        futures = [self._pool.submit(task) for task in tasks[1:]]
-        tasks[0]()
-        for future in futures:
-            future.result()
-
-    def parts(self, length: int, size: int) -> list[tuple[int, int]]:
-        """``[start, stop)`` ranges splitting ``length`` for an array of ``size`` elements."""
-        count = min(self.threads, length) if size >= _PARALLEL_ELEMENTS else 1
-        bounds = [length * k // count for k in range(count + 1)]
-        return [(bounds[k], bounds[k + 1]) for k in range(count) if bounds[k] < bounds[k + 1]]
-
-    def copyto(self, out: FloatArray, source: FloatArray, *, axis: int) -> None:
-        """``np.copyto(out, source)``, split along ``axis``."""
-        self.run(
-            [
-                partial(np.copyto, _take(out, axis, a, b), _take(source, axis, a, b), "unsafe")
-                for a, b in self.parts(out.shape[axis], out.size)
-            ]
-        )
-
-    def relu(self, out: FloatArray, source: FloatArray, *, axis: int) -> None:
-        """``np.maximum(source, 0, out=out)``, split along ``axis``."""
-        self.run(
-            [
-                partial(_relu, _take(out, axis, a, b), _take(source, axis, a, b))
-                for a, b in self.parts(out.shape[axis], out.size)
-            ]
-        )
-
-
-_SERIAL = _Workers(1)
-
-
-def _take(array: FloatArray, axis: int, start: int, stop: int) -> FloatArray:
-    index: list[slice] = [slice(None)] * array.ndim
-    index[axis] = slice(start, stop)
-    return array[tuple(index)]
-
-
-def _relu(out: FloatArray, source: FloatArray) -> None:
-    np.maximum(source, 0, out=out)
-
-
-@dataclass(frozen=True)
 class _Plan:
     """Buffers and geometry for one input shape, chunk size and dtype."""
 
@@ -403,7 +145,7 @@ class _Plan:
     nchw_input: bool  # the first layer reads an NCHW padded buffer (few input channels)
     buffers: list[FloatArray]  # NHWC input buffer of every layer, then the output buffer
     origins: list[int]  # where the image starts in each buffer (1: zero border, 0: none)
-    arenas: list[_Arena]  # scratch of each worker thread
+    arenas: list[Arena]  # scratch of each worker thread
     tasks: dict[tuple[int, int, int], list[Callable[[], None]]] = field(default_factory=dict)
 
 
@@ -507,7 +249,7 @@ class DeployStack:
         input_size: int | tuple[int, int] = 224,
     ) -> None:
         func = "DeployStack"
-        checked = [_check_layer(i, entry, func=func) for i, entry in enumerate(layers)]
+        checked = [check_layer(i, entry, func=func) for i, entry in enumerate(layers)]
         if not checked:
             raise ReparamError(f"{func}: layers is empty; got 0 layers, expected at least 1")
         for i in range(1, len(checked)):
@@ -533,7 +275,7 @@ class DeployStack:
         self._requested: list[str] | None = algorithms
         self._max_chunk_bytes = positive_int(max_chunk_bytes, func=func, name="max_chunk_bytes")
         self._layer_bytes = positive_int(layer_bytes, func=func, name="layer_bytes")
-        self._workers = _Workers(positive_int(threads, func=func, name="threads"))
+        self._workers = Workers(positive_int(threads, func=func, name="threads"))
         self.dtype: np.dtype[Any] = np.result_type(
             *{array.dtype for layer in checked for array in (layer.kernel, layer.bias)}
         )
@@ -546,7 +288,7 @@ class DeployStack:
         compute = np.promote_types(self.dtype, np.float32)
         for i, name in enumerate(self.algorithms(height, width)):
             self._layer_weights(i, name, compute)
-        if _reads_nchw(checked[0], self.algorithms(height, width)[0]):
+        if reads_nchw(checked[0], self.algorithms(height, width)[0]):
             self._layer_weights(0, "im2col_nchw", compute)
         self._consolidate(compute)
 
@@ -573,7 +315,7 @@ class DeployStack:
         result = []
         for i, layer in enumerate(self._layers):
             if self._requested is not None:
-                name = self._requested[i] if _winograd_allowed(layer) else "im2col"
+                name = self._requested[i] if winograd_allowed(layer) else "im2col"
             else:
                 name = choose_algorithm(
                     in_channels=layer.in_channels,
@@ -584,13 +326,13 @@ class DeployStack:
                     width=width,
                 )
             result.append(name)
-            height, width = _output_size(height, layer.stride), _output_size(width, layer.stride)
+            height, width = output_size(height, layer.stride), output_size(width, layer.stride)
         return result
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """Output ``(H, W)`` for an input of ``height x width`` pixels."""
         for layer in self._layers:
-            height, width = _output_size(height, layer.stride), _output_size(width, layer.stride)
+            height, width = output_size(height, layer.stride), output_size(width, layer.stride)
         return height, width
 
     def __call__(self, x: npt.ArrayLike, *, pool: bool = False) -> FloatArray:
@@ -751,7 +493,7 @@ class DeployStack:
     def _consolidate(self, dtype: np.dtype[Any]) -> None:
         """Move the prepared weights into one allocation: they stream layer after layer."""
         keys = [key for key in self._weights if key[2] == dtype]
-        pool = _Pool([self._weights[key].size for key in keys], dtype)
+        pool = Pool([self._weights[key].size for key in keys], dtype)
         for key in keys:
             copy = pool.take(self._weights[key].shape, zero=False)
             np.copyto(copy, self._weights[key])
@@ -761,13 +503,7 @@ class DeployStack:
         key = (index, name, dtype)
         weights = self._weights.get(key)
         if weights is None:
-            layer = self._layers[index]
-            if name == "im2col":
-                weights = _gemm_weights(layer, dtype)
-            elif name == "im2col_nchw":
-                weights = _gemm_weights_nchw(layer, dtype)
-            else:
-                weights = _winograd_weights(layer, 2 if name == "winograd2" else 4, dtype)
+            weights = PREPARE_WEIGHTS[name](self._layers[index], dtype)
             self._weights[key] = weights
         return weights
 
@@ -791,7 +527,7 @@ class DeployStack:
         sizes = [(height, width)]
         for layer in self._layers:
             h, w = sizes[-1]
-            sizes.append((_output_size(h, layer.stride), _output_size(w, layer.stride)))
+            sizes.append((output_size(h, layer.stride), output_size(w, layer.stride)))
         return sizes, self.algorithms(height, width)
 
     def _buffer_shape(
@@ -807,10 +543,10 @@ class DeployStack:
         origin = 1 if index < len(self._layers) else 0
         rows, cols = h + 2 * origin, w + 2 * origin
         if index < len(self._layers) and algorithms[index] != "im2col":
-            tile = _tile(algorithms[index])
+            tile = tile_side(algorithms[index])
             rows, cols = max(rows, -(-h // tile) * tile + 2), max(cols, -(-w // tile) * tile + 2)
         if index > 0 and algorithms[index - 1] != "im2col":
-            tile = _tile(algorithms[index - 1])
+            tile = tile_side(algorithms[index - 1])
             rows = max(rows, origin + -(-h // tile) * tile)
             cols = max(cols, origin + -(-w // tile) * tile)
         return rows, cols, origin
@@ -821,7 +557,7 @@ class DeployStack:
         """Images per call of each layer: as many as ``layer_bytes`` of scratch hold (>= 1)."""
         steps = []
         for i, layer in enumerate(self._layers):
-            per_image = sum(_scratch_sizes(layer, sizes[i], algorithms[i], 1).values())
+            per_image = sum(scratch_sizes(layer, sizes[i], algorithms[i], 1).values())
             fit = self._layer_bytes // max(1, per_image * itemsize)
             steps.append(max(1, min(chunk, fit)))
         return steps
@@ -831,7 +567,7 @@ class DeployStack:
         tile_rows = -(-rows // tile)
         return [
             (start * tile, min(rows, stop * tile))
-            for start, stop in self._workers.parts(tile_rows, _PARALLEL_ELEMENTS)
+            for start, stop in self._workers.parts(tile_rows, workers.PARALLEL_ELEMENTS)
         ]
 
     def _scratch(
@@ -842,11 +578,11 @@ class DeployStack:
         for i, layer in enumerate(self._layers):
             h, w = sizes[i]
             if algorithms[i] == "im2col":
-                needs = [_scratch_sizes(layer, (h, w), "im2col", steps[i])]
+                needs = [scratch_sizes(layer, (h, w), "im2col", steps[i])]
             else:
                 tile = 2 if algorithms[i] == "winograd2" else 4
                 needs = [
-                    _scratch_sizes(layer, (stop - start, w), algorithms[i], steps[i])
+                    scratch_sizes(layer, (stop - start, w), algorithms[i], steps[i])
                     for start, stop in self._bands(h, tile)
                 ]
             for arena, need in zip(arenas, needs, strict=False):
@@ -879,7 +615,7 @@ class DeployStack:
             rows, cols, origin = self._buffer_shape(i, sizes, algorithms)
             shapes.append((chunk, rows, cols, self._channels(i)))
             origins.append(origin)
-        nchw_input = _reads_nchw(self._layers[0], algorithms[0])
+        nchw_input = reads_nchw(self._layers[0], algorithms[0])
         if nchw_input:
             chunk_, rows, cols, channels = shapes[0]
             shapes[0] = (chunk_, channels, rows, cols)
@@ -888,11 +624,11 @@ class DeployStack:
         # pages; fixed, cache-friendly offsets instead of wherever the allocator puts them)
         sizes_all = [int(np.prod(shape)) for shape in shapes]
         sizes_all += [size for needs in scratch for size in needs.values()]
-        pool = _Pool(sizes_all, dtype)
+        pool = Pool(sizes_all, dtype)
         buffers = [pool.take(shape, zero=True) for shape in shapes]
         arenas = []
         for needs in scratch:
-            arena = _Arena(dtype)
+            arena = Arena(dtype)
             for name, size in needs.items():
                 arena.slots[name] = pool.take((size,), zero=False)
             arenas.append(arena)
@@ -916,16 +652,16 @@ class DeployStack:
         interior = target[:, origin : origin + oh, origin : origin + ow]
         if index == 0 and plan.nchw_input:
             weights = self._layer_weights(0, "im2col_nchw", plan.dtype)
-            tasks = [_im2col_nchw_task(source, weights, layer, interior, plan.arenas[0])]
+            tasks = [im2col_nchw_task(source, weights, layer, interior, plan.arenas[0])]
         elif algorithm == "im2col":  # large products: BLAS threads them
             weights = self._layer_weights(index, "im2col", plan.dtype)
-            tasks = [_im2col_task(source, weights, layer, interior, plan.arenas[0], self._workers)]
+            tasks = [im2col_task(source, weights, layer, interior, plan.arenas[0], self._workers)]
         else:  # Winograd's products are small: the workers take a band of rows each
-            tile = _tile(algorithm)
+            tile = tile_side(algorithm)
             weights = self._layer_weights(index, algorithm, plan.dtype)
             bias = layer.bias.astype(plan.dtype)
             tasks = [
-                _winograd_task(
+                winograd_task(
                     source, weights, bias, target, origin, (top, bottom), ow, plan.arenas[k], tile
                 )
                 for k, (top, bottom) in enumerate(self._bands(oh, tile))
@@ -954,52 +690,13 @@ class DeployStack:
         return plan.buffers[-1][:n, :out_h, :out_w]
 
 
-def _winograd_allowed(layer: _Layer) -> bool:
-    return layer.stride == 1 and layer.groups == 1
-
-
-def _check_layer(index: int, entry: Any, *, func: str) -> _Layer:
-    where = f"layer {index}"
-    if all(hasattr(entry, name) for name in ("kernel", "bias", "stride", "groups")):
-        entry = (entry.kernel, entry.bias, entry.stride, entry.groups)
-    try:
-        kernel_like, bias_like, stride, groups = entry
-    except (TypeError, ValueError) as exc:
-        raise ReparamError(
-            f"{func}: {where} must be a (kernel, bias, stride, groups) tuple; got {entry!r:.80}"
-        ) from exc
-    kernel = as_float_array(kernel_like, func=func, name=f"{where} kernel", ndim=4)
-    bias = as_float_array(bias_like, func=func, name=f"{where} bias", ndim=1)
-    stride = positive_int(stride, func=func, name=f"{where} stride")
-    groups = positive_int(groups, func=func, name=f"{where} groups")
-    out_channels, per_group, kh, kw = kernel.shape
-    if (kh, kw) != (3, 3):
-        raise ReparamError(
-            f"{func}: {where} kernel must be 3x3; got shape {kernel.shape}, "
-            "expected (C_out, C_in // groups, 3, 3) (hint: fuse the block first)"
-        )
-    if stride not in (1, 2):
-        raise ReparamError(f"{func}: {where} stride must be 1 or 2; got {stride}")
-    if out_channels % groups != 0 or per_group < 1:
-        raise ReparamError(
-            f"{func}: {where} groups={groups} does not divide C_out={out_channels}; "
-            f"expected a divisor of {out_channels}"
-        )
-    if bias.shape[0] != out_channels:
-        raise ReparamError(
-            f"{func}: {where} bias has the wrong length; got {bias.shape[0]}, "
-            f"expected {out_channels} (kernel.shape[0])"
-        )
-    return _Layer(kernel.copy(), bias.copy(), stride, groups)
-
-
-def _scratch_sizes(
-    layer: _Layer, size: tuple[int, int], algorithm: str, chunk: int
+def scratch_sizes(
+    layer: Layer, size: tuple[int, int], algorithm: str, chunk: int
 ) -> dict[str, int]:
     """Elements of each shared scratch buffer one layer needs."""
     h, w = size
     if algorithm == "im2col":
-        oh, ow = _output_size(h, layer.stride), _output_size(w, layer.stride)
+        oh, ow = output_size(h, layer.stride), output_size(w, layer.stride)
         rows = chunk * oh * ow
         taps = 9 * layer.in_channels // layer.groups + 1
         return {"columns": rows * taps * layer.groups, "product": rows * layer.out_channels}
@@ -1014,155 +711,3 @@ def _scratch_sizes(
         "product": side * side * tiles * out_channels,
         "output": tile * tile * tiles * out_channels,
     }
-
-
-def _tile(algorithm: str) -> int:
-    """Output tile side of a Winograd algorithm."""
-    return 2 if algorithm == "winograd2" else 4
-
-
-def _im2col_task(
-    source: FloatArray,
-    weights: FloatArray,
-    layer: _Layer,
-    interior: FloatArray,
-    arena: _Arena,
-    workers: _Workers,
-) -> Callable[[], None]:
-    """``interior = relu(conv(source) + bias)`` by one gather copy and one (batched) GEMM."""
-    n, oh, ow, out_channels = interior.shape
-    groups, stride = layer.groups, layer.stride
-    per_group = layer.in_channels // groups
-    out_per_group = out_channels // groups
-    taps = 9 * per_group
-    rows = n * oh * ow
-    columns = arena.get("columns", (groups, rows, taps + 1))
-    if groups == 1:
-        # NHWC rows hold (kw, c) contiguously: gather runs of 3 * C values at a time
-        flat = source.reshape(n, source.shape[1], source.shape[2] * per_group)
-        windows = sliding_window_view(flat, (3, 3 * per_group), axis=(1, 2))
-        windows = windows[
-            :,
-            : (oh - 1) * stride + 1 : stride,
-            : (ow - 1) * stride * per_group + 1 : stride * per_group,
-        ]
-        gathered = columns[0, :, :taps].reshape(n, oh, ow, 3, 3 * per_group)
-        axis = 1
-    else:
-        # (n, Hp-2, Wp-2, C, 3, 3) -> strided, cropped -> (g, n, oh, ow, 3, 3, Cg)
-        windows = sliding_window_view(source, (3, 3), axis=(1, 2))
-        windows = windows[:, : (oh - 1) * stride + 1 : stride, : (ow - 1) * stride + 1 : stride]
-        windows = windows.reshape(n, oh, ow, groups, per_group, 3, 3).transpose(3, 0, 1, 2, 5, 6, 4)
-        gathered = columns[:, :, :taps].reshape(groups, n, oh, ow, 3, 3, per_group)
-        axis = 2
-    ones = columns[:, :, taps]  # multiplies the bias row of the weights
-    product = arena.get("product", (groups, rows, out_per_group))
-    grouped = product.reshape(groups, n, oh, ow, out_per_group).transpose(1, 2, 3, 0, 4)
-    out = interior.reshape(n, oh, ow, groups, out_per_group)
-
-    def run() -> None:
-        workers.copyto(gathered, windows, axis=axis)
-        ones.fill(1.0)
-        np.matmul(columns, weights, out=product)
-        workers.relu(out, grouped, axis=1)
-
-    return run
-
-
-def _reads_nchw(layer: _Layer, algorithm: str) -> bool:
-    """Whether the first layer gathers its columns straight from an NCHW buffer.
-
-    With few input channels (an RGB stem) NHWC rows are too short for fast
-    copies; NCHW planes give long rows both for the layout change on the way
-    in and for the gather.
-    """
-    return algorithm == "im2col" and layer.groups == 1 and layer.in_channels <= _NCHW_CHANNELS
-
-
-def _im2col_nchw_task(
-    source: FloatArray, weights: FloatArray, layer: _Layer, interior: FloatArray, arena: _Arena
-) -> Callable[[], None]:
-    """Compute the first layer from an NCHW padded buffer, gathering one input plane at a time."""
-    n, oh, ow, out_channels = interior.shape
-    stride, channels = layer.stride, layer.in_channels
-    taps = 9 * channels
-    rows = n * oh * ow
-    # transposed columns: one row per (c, kh, kw), holding that tap for every output pixel
-    columns = arena.get("columns", (taps + 1, rows))
-    windows = sliding_window_view(source, (3, 3), axis=(2, 3))  # (n, C, Hp-2, Wp-2, 3, 3)
-    windows = windows[:, :, : (oh - 1) * stride + 1 : stride, : (ow - 1) * stride + 1 : stride]
-    windows = windows.transpose(1, 4, 5, 0, 2, 3)
-    planes = columns[:taps].reshape(channels, 3, 3, n, oh, ow)
-    ones = columns[taps]  # multiplies the bias row of the weights
-    product = arena.get("product", (rows, out_channels))
-    pixels = product.reshape(n, oh, ow, out_channels)
-
-    def run() -> None:
-        np.copyto(planes, windows)
-        ones.fill(1.0)
-        np.matmul(columns.T, weights, out=product)
-        np.maximum(pixels, 0, out=interior)
-
-    return run
-
-
-def _winograd_task(
-    source: FloatArray,
-    weights: FloatArray,
-    bias: FloatArray,
-    target: FloatArray,
-    origin: int,
-    rows: tuple[int, int],
-    width: int,
-    arena: _Arena,
-    tile: int,
-) -> Callable[[], None]:
-    """Output rows ``rows`` of ``relu(conv(source) + bias)`` by Winograd F(tile x tile, 3 x 3).
-
-    Whole tiles are written into ``target`` (from ``origin``); what falls
-    beyond the image is zeroed again, so a zero border stays zero.
-    """
-    bt, at = _transforms(tile, target.dtype)
-    side = tile + 2
-    top, bottom = rows
-    n, channels = source.shape[0], source.shape[3]
-    out_channels = target.shape[3]
-    th, tw = -(-(bottom - top) // tile), -(-width // tile)
-    tiles = n * th * tw
-    # every (side x side) input tile, overlapping by 2: d[a, b] = pixel (a, b) of each tile
-    band = source[:, top : top + th * tile + 2]
-    windows = sliding_window_view(band, (side, side), axis=(1, 2))
-    windows = windows[:, : (th - 1) * tile + 1 : tile, : (tw - 1) * tile + 1 : tile]
-    windows = windows.transpose(4, 5, 0, 1, 2, 3)
-    d = arena.get("gathered", (side, side, n, th, tw, channels))
-    e = arena.get("stage", (side, side, tiles * channels))
-    v = arena.get("gathered", (side, side, tiles * channels))  # d is no longer needed then
-    m = arena.get("product", (side * side, tiles, out_channels))
-    z = arena.get("stage", (side, tile, tiles * out_channels))
-    y = arena.get("output", (tile, tile, n, th, tw, out_channels))
-    # the output region, whole tiles, seen as (i, j, n, tile row, tile column, channel)
-    region = target[:, origin + top : origin + top + th * tile, origin : origin + tw * tile]
-    out = region.reshape(n, th, tile, tw, tile, out_channels).transpose(2, 4, 0, 1, 3, 5)
-    beyond = []  # parts of whole tiles outside the image
-    if top + th * tile > bottom:
-        beyond.append(target[:, origin + bottom : origin + top + th * tile, origin:])
-    if tw * tile > width:
-        beyond.append(target[:, origin + top : origin + top + th * tile, origin + width :])
-
-    def run() -> None:
-        np.copyto(d, windows)
-        # input transform B^T d B as two small matrix products over all tiles and channels
-        # (stacks of small products: each stays in cache, and BLAS runs it on one core)
-        np.matmul(bt, d.reshape(side, side, -1).transpose(1, 0, 2), out=e)  # e[b, i]
-        np.matmul(bt, e.transpose(1, 0, 2), out=v)  # v[i, j] = sum_b bt[j, b] e[b, i]
-        np.matmul(v.reshape(side * side, tiles, channels), weights, out=m)
-        # column 1 of A^T is all ones, so a bias added to m[1, 1] reaches every output pixel
-        np.add(m[side + 1], bias, out=m[side + 1])
-        # output transform A^T m A, the same way, then ReLU into the target
-        np.matmul(at, m.reshape(side, side, -1).transpose(1, 0, 2), out=z)  # z[b, i]
-        np.matmul(at, z.transpose(1, 0, 2), out=y.reshape(tile, tile, -1))  # y[i, j]
-        np.maximum(y, 0, out=out)
-        for part in beyond:
-            part.fill(0.0)
-
-    return run
