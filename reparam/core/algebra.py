@@ -52,7 +52,7 @@ from typing import Any, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from ._checks import FloatArray, as_float_array, int_pair, positive_int
+from .checks import FloatArray, as_float_array, int_pair, positive_int
 from .conv import Pads, avg_pool2d, conv2d, conv_output_size, normalize_padding, pad_input
 from .errors import ReparamError
 from .norm import batch_norm

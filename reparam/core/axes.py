@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from ._checks import FloatArray, as_float_array
+from .checks import FloatArray, as_float_array
 
 __all__ = ["hwio_to_oihw", "nchw_to_nhwc", "nhwc_to_nchw", "oihw_to_hwio"]
 

@@ -8,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._checks import (
+from .checks import (
     FloatArray,
     as_float_array,
     bias_vector,

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._checks import FloatArray, as_float_array, bias_vector, groups_divide, positive_int
 from .algebra import Conv, Node, Norm, Parallel, Sequential, fold
+from .checks import FloatArray, as_float_array, bias_vector, groups_divide, positive_int
 from .conv import centred_padding
 from .errors import ReparamError
 from .params import BatchNorm, ConvBias

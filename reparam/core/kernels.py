@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._checks import FloatArray, as_float_array, groups_divide, int_pair, positive_int
+from .checks import FloatArray, as_float_array, groups_divide, int_pair, positive_int
 from .errors import ReparamError
 
 __all__ = ["identity_kernel", "pad_kernel"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from ._checks import FloatArray, as_float_array
+from .checks import FloatArray, as_float_array
 from .errors import ReparamError
 from .params import BatchNorm
 

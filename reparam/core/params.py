@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from ._checks import FloatArray, as_float_array
+from .checks import FloatArray, as_float_array
 from .errors import ReparamError
 
 __all__ = ["BatchNorm", "ConvBias"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..core._checks import FloatArray, as_float_array, positive_int
+from ..core.checks import FloatArray, as_float_array, positive_int
 from ..core.errors import ReparamError
 
 __all__ = ["Layer", "check_layer", "output_size", "winograd_allowed"]

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..core._checks import FloatArray
+from ..core.checks import FloatArray
 
 __all__ = ["Arena", "Pool", "fresh_memory"]
 

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..core._checks import FloatArray, as_float_array, int_pair, positive_int
+from ..core.checks import FloatArray, as_float_array, int_pair, positive_int
 from ..core.errors import ReparamError
 from . import workers
 from .im2col import gemm_weights, gemm_weights_nchw, im2col_nchw_task, im2col_task, reads_nchw

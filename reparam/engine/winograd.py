@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..core._checks import FloatArray
+from ..core.checks import FloatArray
 from ..core.errors import ReparamError
 from .layers import Layer
 from .memory import Arena

@@ -8,7 +8,7 @@ from functools import partial
 
 import numpy as np
 
-from ..core._checks import FloatArray
+from ..core.checks import FloatArray
 
 __all__ = ["PARALLEL_ELEMENTS", "SERIAL", "Workers", "relu", "take"]
 

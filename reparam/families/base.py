@@ -15,9 +15,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from ..core._checks import FloatArray
 from ..core.algebra import FoldedConv, Node, evaluate, fold, magnitude, multiply_adds
 from ..core.algebra import num_parameters as tree_parameters
+from ..core.checks import FloatArray
 from ..core.errors import ReparamError
 from ..core.params import BatchNorm
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple, TypeAlias
 
-from ..core._checks import positive_int
+from ..core.checks import positive_int
 from ..core.conv import conv_output_size
 from ..core.errors import ReparamError
 

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from ..core._checks import FloatArray, as_float_array, positive_int
 from ..core.algebra import Parallel, evaluate, fold, num_parameters
+from ..core.checks import FloatArray, as_float_array, positive_int
 from ..core.conv import conv2d, conv_output_size
 from ..core.errors import ReparamError
 from ..core.fusion import repvgg_tree

@@ -1,4 +1,4 @@
-"""Private input checks shared by the public functions.
+"""Input checks shared by the public functions of every layer (core, families, models, engine).
 
 Every check raises :class:`~reparam.ReparamError` with a message of
 the form ``function: problem; got X, expected Y``.
