@@ -90,24 +90,22 @@ def _load(path: str, args: argparse.Namespace) -> LoadedCheckpoint:
         )
 
 
-def _refuse_overwriting(source: str, destination: str, *, command: str) -> None:
-    """Refuse, before loading, to write over the input (same path, symlink or hard link)."""
+def _same_file(source: str, destination: str) -> bool:
+    """Whether two paths name one file (the same path, a symlink or a hard link)."""
     try:
-        same = os.path.samefile(source, destination)
+        return os.path.samefile(source, destination)
     except OSError:  # one of them does not exist (yet)
-        return
-    if same:
-        raise ReparamError(
-            f"{command}: the output {shown_path(destination)} is the input file; writing it would "
-            "replace the train weights with the deploy form; hint: choose another output, or "
-            "pass --overwrite-input"
-        )
+        return False
 
 
 def _convert(args: argparse.Namespace) -> int:
     check_destination(args.deploy, func="convert", allowed=CHECKPOINT_SUFFIXES)
-    if not args.overwrite_input:
-        _refuse_overwriting(args.train, args.deploy, command="convert")
+    if not args.overwrite_input and _same_file(args.train, args.deploy):
+        raise ReparamError(
+            f"convert: the output {shown_path(args.deploy)} is the input file; writing it would "
+            "replace the train weights with the deploy form; hint: choose another output, or "
+            "pass --overwrite-input"
+        )
     model = _load(args.train, args).model
     if model.form == "deploy":
         raise ReparamError(
@@ -178,6 +176,11 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     check_destination(args.output, func="run", allowed=(".npy",), what="--output")
+    if _same_file(args.input, args.output):
+        raise ReparamError(
+            f"run: the --output {shown_path(args.output)} is the --input file; writing the "
+            "logits would replace the images; hint: choose another output"
+        )
     with _file_errors(args.input, "read"):
         x = read_array(args.input, func="run")
     name = shown_path(args.input)

@@ -154,6 +154,16 @@ def test_convert_refuses_to_overwrite_its_input(train: Path, how: str) -> None:
     assert _listing(train.parent) == before, "the input was touched"
 
 
+def test_run_refuses_to_write_the_logits_over_its_input(train: Path) -> None:
+    images = train.with_name("x.npy")
+    before = _listing(train.parent)
+    _error(
+        _cli("run", train, "--input", images, "--output", images),
+        f"run: the --output {images} is the --input file",
+    )
+    assert _listing(train.parent) == before, "the input was touched"
+
+
 def test_convert_overwrites_its_input_when_told_and_keeps_the_mode(train: Path) -> None:
     train.chmod(0o640)
     result = _cli("convert", train, train, "--overwrite-input")
