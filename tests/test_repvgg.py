@@ -431,3 +431,24 @@ def test_fast_path_only_for_3x3_deploy_blocks() -> None:
     logits = five(x)
     assert logits.dtype == np.float32, f"a float32 model gives float32 logits; got {logits.dtype}"
     assert_close(logits, expected, dtype=np.float32, scale=scale, what="5x5 model, fast=True")
+
+
+def test_train_block_takes_what_fuse_block_takes() -> None:
+    """A 1x3 small branch: TrainBlock and fuse_block agree, and the block's forms agree."""
+    rng = np.random.default_rng(2)
+
+    def bn() -> reparam.BatchNorm:
+        return reparam.BatchNorm(*rng.uniform(0.5, 1.5, (4, 4)))
+
+    dense, small = rng.standard_normal((4, 2, 3, 3)), rng.standard_normal((4, 2, 1, 3))
+    bns = (bn(), bn(), bn())
+    block = TrainBlock(dense, bns[0], small, bns[1], bns[2], 1, 2)
+    kernel, bias = reparam.fuse_block((dense, bns[0]), (small, bns[1]), bns[2], groups=2)
+    deploy = block.reparameterize()
+    np.testing.assert_array_equal(deploy.kernel, kernel)
+    np.testing.assert_array_equal(deploy.bias, bias)
+    x = rng.standard_normal((2, 4, 6, 5))
+    scale = float(np.abs(reparam.core.algebra.magnitude(block.tree, x)).max())
+    assert_close(deploy(x), block(x), dtype=np.float64, scale=scale, what="1x3 branch")
+    with pytest.raises(ReparamError, match=r"odd sizes of at most 3x3"):
+        TrainBlock(dense, bns[0], rng.standard_normal((4, 2, 1, 2)), bns[1], None, 1, 2)

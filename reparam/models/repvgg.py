@@ -83,8 +83,9 @@ class TrainBlock:
         The 3x3 (K odd) convolution, used with padding ``K // 2``.
     dense_bn : BatchNorm
         Its BatchNorm over ``C_out``.
-    pointwise_kernel : ndarray, shape (C_out, C_in // groups, 1, 1), or None
-        The 1x1 branch (padding 0), if the block has one.
+    pointwise_kernel : ndarray, shape (C_out, C_in // groups, k, k'), or None
+        The small branch (1x1 in RepVGG; any odd sizes up to K, centred as
+        :func:`reparam.fuse_block` centres it), if the block has one.
     pointwise_bn : BatchNorm or None
         Its BatchNorm (given exactly when ``pointwise_kernel`` is).
     identity_bn : BatchNorm or None
@@ -123,10 +124,19 @@ class TrainBlock:
             )
         if self.pointwise_kernel is not None:
             pointwise = _frozen(self.pointwise_kernel, func=func, name="pointwise_kernel", ndim=4)
-            if pointwise.shape != (out_channels, per_group, 1, 1):
+            small_h, small_w = pointwise.shape[2:]
+            size = dense.shape[2]
+            if (
+                pointwise.shape[:2] != (out_channels, per_group)
+                or small_h > size
+                or small_w > size
+                or small_h % 2 == 0
+                or small_w % 2 == 0
+            ):
                 raise ReparamError(
                     f"{func}: pointwise_kernel disagrees with dense_kernel {dense.shape}; got "
-                    f"{pointwise.shape}, expected {(out_channels, per_group, 1, 1)}"
+                    f"{pointwise.shape}, expected {(out_channels, per_group)} and odd sizes of at "
+                    f"most {size}x{size} (1x1 in RepVGG), as fuse_block accepts"
                 )
             object.__setattr__(self, "pointwise_kernel", pointwise)
         for name in ("dense_bn", "pointwise_bn", "identity_bn"):
