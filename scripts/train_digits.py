@@ -43,6 +43,18 @@ then the BatchNorm running statistics are recomputed exactly (cumulative average
 augmentation) over the training split so that they are converged, and the model is evaluated in
 ``eval()`` mode. Finally the saved ``.npz`` is reloaded into a fresh model with ``strict=True``
 and must reproduce the logits bit for bit.
+
+QARepVGG (``--qarepvgg``)
+-------------------------
+The same network, data, seed and training, with QARepVGG blocks (Chu et al., "Make RepVGG
+Greater Again", AAAI 2024, as published in meituan/YOLOv6), ``relu(bn(bn_d(conv3x3(x)) +
+conv1x1(x) + [x]))``: the 3x3 branch keeps its BN, the 1x1 branch and the identity have none,
+and one BN follows the sum. It writes
+``reparam/data/digits_qarepvgg.npz`` (float32) with YOLOv6's ``QARepVGGBlock`` keys per block:
+``rbr_dense.conv.weight``, ``rbr_dense.bn.*``, ``rbr_1x1.weight`` and ``bn.*``, and the same
+``linear.*``; the held-out split is checked against the shipped ``digits_test.npz`` instead of
+being written. ``reparam.analysis.load_network`` reads it (each block through
+``reparam.families``' ``QARepVGGBlock``, which folds it into one conv).
 """
 
 from __future__ import annotations
@@ -68,6 +80,7 @@ DEPTHS = (1, 2, 2)  # stage0 is a single block
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "reparam" / "data"
 CHECKPOINT = DATA_DIR / "digits_repvgg.npz"
+QA_CHECKPOINT = DATA_DIR / "digits_qarepvgg.npz"
 TEST_FILE = DATA_DIR / "digits_test.npz"
 
 
@@ -125,21 +138,54 @@ class RepVGGBlock(nn.Module):
         return torch.relu(out)
 
 
-def make_stage(in_channels: int, out_channels: int, depth: int) -> nn.Sequential:
+class QARepVGGBlock(nn.Module):
+    """Train-form QARepVGG block: ``relu(bn(BN(conv3x3) + conv1x1 + [x]))`` (YOLOv6's keys).
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        Channel counts.
+    stride : int
+        Stride of both convolutions; the identity exists only for stride 1 and
+        ``in_channels == out_channels``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, stride: int) -> None:
+        super().__init__()
+        self.has_identity = in_channels == out_channels and stride == 1
+        self.rbr_dense = conv_bn(in_channels, out_channels, kernel_size=3, stride=stride)
+        self.rbr_1x1 = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block to ``x`` of shape (N, C_in, H, W)."""
+        out = self.rbr_dense(x) + self.rbr_1x1(x)
+        if self.has_identity:
+            out = out + x
+        return torch.relu(self.bn(out))
+
+
+BlockType = type[RepVGGBlock] | type[QARepVGGBlock]
+
+
+def make_stage(in_channels: int, out_channels: int, depth: int, block: BlockType) -> nn.Sequential:
     """Return ``depth`` blocks; the first has stride 2, the rest stride 1."""
-    blocks = [RepVGGBlock(in_channels, out_channels, stride=2)]
-    blocks += [RepVGGBlock(out_channels, out_channels, stride=1) for _ in range(depth - 1)]
+    blocks = [block(in_channels, out_channels, stride=2)]
+    blocks += [block(out_channels, out_channels, stride=1) for _ in range(depth - 1)]
     return nn.Sequential(*blocks)
 
 
 class DigitsRepVGG(nn.Module):
-    """RepVGG with ``stage0`` (1 -> 16), ``stage1`` (2 blocks, 32), ``stage2`` (2 blocks, 64)."""
+    """RepVGG with ``stage0`` (1 -> 16), ``stage1`` (2 blocks, 32), ``stage2`` (2 blocks, 64).
 
-    def __init__(self) -> None:
+    ``block`` is :class:`RepVGGBlock` (the default) or :class:`QARepVGGBlock`.
+    """
+
+    def __init__(self, block: BlockType = RepVGGBlock) -> None:
         super().__init__()
-        self.stage0 = RepVGGBlock(1, WIDTHS[0], stride=2)
-        self.stage1 = make_stage(WIDTHS[0], WIDTHS[1], DEPTHS[1])
-        self.stage2 = make_stage(WIDTHS[1], WIDTHS[2], DEPTHS[2])
+        self.stage0 = block(1, WIDTHS[0], stride=2)
+        self.stage1 = make_stage(WIDTHS[0], WIDTHS[1], DEPTHS[1], block)
+        self.stage2 = make_stage(WIDTHS[1], WIDTHS[2], DEPTHS[2], block)
         self.gap = nn.AdaptiveAvgPool2d(output_size=1)
         self.linear = nn.Linear(WIDTHS[2], NUM_CLASSES)
 
@@ -263,13 +309,13 @@ def to_numpy_state(model: nn.Module) -> dict[str, NDArray[np.float32]]:
     }
 
 
-def reload_checkpoint(path: Path) -> DigitsRepVGG:
+def reload_checkpoint(path: Path, block: BlockType = RepVGGBlock) -> DigitsRepVGG:
     """Load ``path`` into a fresh model with ``strict=True``.
 
     The checkpoint has no ``num_batches_tracked`` (it never affects eval-mode outputs); those
     buffers are taken from the fresh model so that every other key is checked strictly.
     """
-    model = DigitsRepVGG()
+    model = DigitsRepVGG(block)
     with np.load(path) as data:
         state = {key: torch.from_numpy(data[key]) for key in data.files}
     expected = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
@@ -286,7 +332,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument(
+        "--qarepvgg",
+        action="store_true",
+        help="train QARepVGG blocks and write digits_qarepvgg.npz (the test split is checked)",
+    )
     args = parser.parse_args()
+    block: BlockType = QARepVGGBlock if args.qarepvgg else RepVGGBlock
+    checkpoint = QA_CHECKPOINT if args.qarepvgg else CHECKPOINT
 
     torch.manual_seed(SEED)
     np.random.seed(SEED)  # noqa: NPY002 - nothing uses the global state; set for safety
@@ -313,7 +366,7 @@ def main() -> None:
     x_test = torch.from_numpy(test_images)
     y_test = torch.from_numpy(test_labels)
 
-    model = DigitsRepVGG()
+    model = DigitsRepVGG(block)
     train(
         model,
         x_train01,
@@ -336,29 +389,33 @@ def main() -> None:
 
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     state = to_numpy_state(model)
-    np.savez(CHECKPOINT, **state)  # type: ignore[arg-type]
+    np.savez(checkpoint, **state)  # type: ignore[arg-type]
     sentence = (
         "8x8 sklearn digits (0-16) upsampled 2x by nearest neighbour to 16x16, divided by 16, "
         f"then normalised with the training-split mean {mean:.5f} and std {std:.5f}"
     )
-    # Compressed: the upsampled images repeat each value 4 times and take 17 distinct values.
-    np.savez_compressed(
-        TEST_FILE, images=test_images, labels=test_labels, preprocessing=np.array([sentence])
-    )
+    if not args.qarepvgg:  # the QARepVGG model shares the split, which is checked below
+        # Compressed: the upsampled images repeat each value 4 times and take 17 distinct values.
+        np.savez_compressed(
+            TEST_FILE, images=test_images, labels=test_labels, preprocessing=np.array([sentence])
+        )
 
-    reloaded = reload_checkpoint(CHECKPOINT)
+    reloaded = reload_checkpoint(checkpoint, block)
     logits_reloaded = predict(reloaded, x_test)
     if not torch.equal(logits, logits_reloaded):
         raise SystemExit("reloaded checkpoint gives different logits")
     with np.load(TEST_FILE) as data:
-        if not (np.array_equal(data["images"], test_images) and data["labels"].dtype == np.int64):
+        same = np.array_equal(data["images"], test_images) and np.array_equal(
+            data["labels"], test_labels
+        )
+        if not (same and data["labels"].dtype == np.int64):
             raise SystemExit("test file does not round-trip")
     print(
         f"reloaded (strict=True): test accuracy {accuracy(logits_reloaded, y_test):.4f}, "
         "logits identical"
     )
     print(f"{len(state)} keys, first: {', '.join(list(state)[:3])}")
-    for path in (CHECKPOINT, TEST_FILE):
+    for path in (checkpoint, TEST_FILE):
         print(f"{path.name}: {path.stat().st_size} bytes")
 
 
