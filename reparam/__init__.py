@@ -10,10 +10,13 @@ Layers, each importing only the ones before it:
 - :mod:`reparam.models`: RepVGG networks and their published architectures;
 - :mod:`reparam.checkpoints`: file formats and key layouts;
 - :mod:`reparam.export`: ONNX;
+- :mod:`reparam.analysis`: analyses before deployment (``reparam.quant``:
+  INT8 quantization);
 - :mod:`reparam.cli`: the ``reparam`` command.
 
-``reparam.load``, ``reparam.save`` and the subpackages after ``models`` are
-imported on first access, so ``import reparam`` stays light.
+``reparam.load``, ``reparam.save``, ``reparam.quant`` and the subpackages
+after ``models`` are imported on first access, so ``import reparam`` stays
+light.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ from .models import (
 )
 
 if TYPE_CHECKING:
-    from . import checkpoints, engine, export, families
+    from . import analysis, checkpoints, engine, export, families
+    from .analysis import quant
     from .checkpoints import load, save
 
 __version__ = "0.2.0"
@@ -65,6 +69,7 @@ __all__ = [
     "RepVGG",
     "ReparamError",
     "TrainBlock",
+    "analysis",
     "batch_norm",
     "block_specs",
     "checkpoints",
@@ -81,18 +86,22 @@ __all__ = [
     "nhwc_to_nchw",
     "oihw_to_hwio",
     "pad_kernel",
+    "quant",
     "save",
     "sum_branches",
 ]
 
-_LAZY_SUBPACKAGES = ("checkpoints", "engine", "export", "families")
+_LAZY_SUBPACKAGES = ("analysis", "checkpoints", "engine", "export", "families")
+_LAZY_MODULES = {"quant": "analysis.quant"}
 _LAZY_FUNCTIONS = {"load": "checkpoints", "save": "checkpoints"}
 
 
 def __getattr__(name: str) -> Any:
-    """Import a subpackage, or ``load`` / ``save``, on first access (PEP 562)."""
+    """Import a subpackage, ``quant``, or ``load`` / ``save``, on first access (PEP 562)."""
     if name in _LAZY_SUBPACKAGES:
         return importlib.import_module(f"{__name__}.{name}")
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"{__name__}.{_LAZY_MODULES[name]}")
     if name in _LAZY_FUNCTIONS:
         package = importlib.import_module(f"{__name__}.{_LAZY_FUNCTIONS[name]}")
         return getattr(package, name)

@@ -19,7 +19,17 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"core", "engine"},
     "checkpoints": {"core", "families", "models"},
     "export": {"core", "models", "checkpoints"},
-    "cli": {"core", "families", "engine", "models", "checkpoints", "export", "top level"},
+    "analysis": {"core", "families", "models", "checkpoints", "export"},
+    "cli": {
+        "core",
+        "families",
+        "engine",
+        "models",
+        "checkpoints",
+        "export",
+        "analysis",
+        "top level",
+    },
 }
 
 
