@@ -779,7 +779,7 @@ def test_avg_pool2d_per_side_padding_matches_loops(
 @pytest.mark.parametrize(
     ("kwargs", "phrase"),
     [
-        ({"size": 4}, "pooling window is larger than the padded input"),
+        ({"size": 4}, "pooling window (size) is larger than the padded input"),
         ({"size": 2, "padding": (1, 2, 3)}, "padding must be an int, a pair"),
         ({"size": 0}, "size"),
         ({"size": 2, "stride": 0}, "stride"),

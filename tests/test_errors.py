@@ -224,7 +224,15 @@ CASES: dict[str, tuple[Callable[[], object], str]] = {
         r"conv2d: stride must be an int or a pair",
     ),
     "dilation zero": (lambda: conv2d(X, K3, dilation=0), r"conv2d: dilation must be >= 1"),
-    "padding negative": (lambda: conv2d(X, K3, padding=-1), r"conv2d: padding must be >= 0"),
+    # a negative padding crops (ACNet's branches need it); a crop that leaves too little is refused
+    "padding malformed": (
+        lambda: conv2d(X, K3, padding=(1, 2, 3)),
+        r"conv2d: padding must be an int, a pair \(ph, pw\) or \(\(top, bottom\)",
+    ),
+    "crop too deep": (
+        lambda: conv2d(X, K3, padding=-2),
+        r"conv2d: kernel is larger than the padded input",
+    ),
     "kernel too large": (
         lambda: conv2d(np.ones((1, 2, 2, 5)), K3),
         r"conv2d: kernel is larger than the padded input.*3x3.*2x5",

@@ -153,7 +153,7 @@ def _check_span(
     padded = tuple(n + before + after for n, (before, after) in zip(size, pads, strict=True))
     if padded[0] < 1 or padded[1] < 1 or span[0] > padded[0] or span[1] > padded[1]:
         raise ReparamError(
-            f"{func}: {what} is larger than the padded input; got a window spanning "
+            f"{func}: {what} is larger than the padded input; got a {what.split(' (')[0]} spanning "
             f"{span[0]}x{span[1]} and a padded input of {padded[0]}x{padded[1]}, expected the "
             "window to fit"
         )
