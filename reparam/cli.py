@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import sys
@@ -37,14 +38,24 @@ from . import __version__
 from .checkpoints.formats import (
     CHECKPOINT_SUFFIXES,
     check_destination,
+    listing,
     read_array,
     read_checkpoint,
     save_array,
     shown,
     shown_path,
+    write_tensors,
 )
 from .checkpoints.layouts import LAYOUTS
-from .checkpoints.repvgg import LoadedCheckpoint, load_file, save
+from .checkpoints.reader import Checkpoint, describe_stored, read_any
+from .checkpoints.repvgg import save
+from .checkpoints.walker import (
+    FoundBlock,
+    Overrides,
+    convert_state_dict,
+    find_blocks,
+    parse_override,
+)
 from .core.errors import ReparamError
 from .export.onnx import DEFAULT_OPSET, check_opset, export_onnx
 from .models.repvgg import RepVGG, TrainBlock
@@ -82,12 +93,71 @@ def _file_errors(path: str | os.PathLike[str], verb: str) -> Iterator[None]:
         raise ReparamError(f"cannot {verb} {name}: {reason}{hint}") from exc
 
 
-def _load(path: str, args: argparse.Namespace) -> LoadedCheckpoint:
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Per-prefix options from ``--overrides FILE`` (JSON or TOML), then every ``--set``."""
+    result: dict[str, dict[str, Any]] = {}
+    path = getattr(args, "overrides", None)
+    if path:
+        with _file_errors(path, "read"):
+            result = read_overrides(path)
+    for text in getattr(args, "set", None) or []:
+        prefix, option, value = parse_override(text)
+        result.setdefault(prefix, {})[option] = value
+    return result
+
+
+def read_overrides(path: str) -> dict[str, dict[str, Any]]:
+    """Read ``{"PREFIX": {"option": value}}`` from a .json or .toml file."""
+    name = shown_path(path)
+    suffix = Path(path).suffix.lower()
+    with open(path, "rb") as stream:
+        raw = stream.read()
+    try:
+        if suffix == ".json":
+            data = json.loads(raw)
+        elif suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                raise ReparamError(
+                    f"--overrides: reading {name} needs Python 3.11's tomllib; hint: use JSON"
+                ) from None
+            data = tomllib.loads(raw.decode())
+        else:
+            raise ReparamError(f"--overrides: {name} must be .json or .toml; got {suffix!r}")
+    except ReparamError:
+        raise
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ReparamError(f"--overrides: cannot parse {name} ({shown(exc, 80)})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ReparamError(
+            f"--overrides: {name} must map block prefixes to option tables, e.g. "
+            '{"backbone.*": {"stride": 1}}'
+        )
+    return {str(prefix): dict(options) for prefix, options in data.items()}
+
+
+def _strides(overrides: Overrides) -> dict[str, int]:
+    return {prefix: int(o["stride"]) for prefix, o in overrides.items() if "stride" in o}
+
+
+def _read(path: str, args: argparse.Namespace, *, network_only: bool = False) -> Checkpoint:
     _progress(f"loading {path} ...")
     with _file_errors(path, "read"):
-        return load_file(
-            path, arch=getattr(args, "arch", None), layout=getattr(args, "layout", None)
+        return read_any(
+            path,
+            layout=getattr(args, "layout", None),
+            arch=getattr(args, "arch", None),
+            eps=getattr(args, "eps", 1e-5),
+            strides=_strides(_overrides(args)),
+            network_only=network_only,
         )
+
+
+def _network(path: str, args: argparse.Namespace) -> RepVGG:
+    checkpoint = _read(path, args, network_only=True)
+    assert checkpoint.network is not None  # network_only refuses anything else
+    return checkpoint.network
 
 
 def _same_file(source: str, destination: str) -> bool:
@@ -106,7 +176,10 @@ def _convert(args: argparse.Namespace) -> int:
             "replace the train weights with the deploy form; hint: choose another output, or "
             "pass --overwrite-input"
         )
-    model = _load(args.train, args).model
+    checkpoint = _read(args.train, args)
+    if checkpoint.network is None:
+        return _convert_blocks(checkpoint, args)
+    model = checkpoint.network
     if model.form == "deploy":
         raise ReparamError(
             f"convert: {shown_path(args.train)} is already in deploy form; expected a train-form "
@@ -133,12 +206,37 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_blocks(checkpoint: Checkpoint, args: argparse.Namespace) -> int:
+    """Fuse every block of every family found; copy every other tensor through."""
+    if args.to_layout is not None:
+        raise ReparamError(
+            "convert: --to-layout renames a whole RepVGG network; this checkpoint is not one "
+            "(its blocks keep their own key names)"
+        )
+    _progress("finding and fusing blocks ...")
+    start = time.perf_counter()
+    deploy, report = convert_state_dict(
+        checkpoint.tensors, overrides=_overrides(args), eps=args.eps
+    )
+    seconds = time.perf_counter() - start
+    with _file_errors(args.deploy, "write"):
+        write_tensors(args.deploy, deploy)
+    for line in report.lines():
+        _out(line)
+    _out(f"fused in {seconds:.3f} s")
+    _out(f"wrote {args.deploy} (each block under its deploy module's key names)")
+    return 0
+
+
 def _default_size(model: RepVGG) -> int:
     return 64 if model.arch is not None else 32
 
 
 def _verify(args: argparse.Namespace) -> int:
-    model = _load(args.weights, args).model
+    checkpoint = _read(args.weights, args)
+    if checkpoint.network is None:
+        return _verify_blocks(checkpoint, args)
+    model = checkpoint.network
     if model.form == "deploy":
         raise ReparamError(
             f"verify: {shown_path(args.weights)} is in deploy form; expected the train-form "
@@ -174,6 +272,47 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_blocks(checkpoint: Checkpoint, args: argparse.Namespace) -> int:
+    """Check every block found: its fused conv against its train form on a random input."""
+    blocks, _ = find_blocks(checkpoint.tensors, overrides=_overrides(args), eps=args.eps)
+    if not blocks:
+        raise ReparamError(
+            f"verify: {shown_path(args.weights)} holds no train-form block of a registered family"
+        )
+    rng = np.random.default_rng(args.seed)
+    worst: tuple[float, FoundBlock] | None = None
+    failed = []
+    for found in blocks:
+        relative = _block_difference(found, rng, args)
+        tolerance = VERIFY_TOLERANCE.get(found.block.reparameterize().kernel.dtype, 1e-2)
+        if not relative <= tolerance:  # NaN fails too
+            failed.append(f"{found.name} ({found.family}): {relative:.3e}")
+        if worst is None or not relative <= worst[0]:
+            worst = (relative, found)
+    assert worst is not None
+    _out(f"blocks checked: {len(blocks)} (batch {args.batch}, seed {args.seed})")
+    _out(f"worst relative difference: {worst[0]:.3e} at {worst[1].name} ({worst[1].family})")
+    if failed:
+        _out(f"FAIL: {len(failed)} blocks differ: {listing(failed, budget=200)}")
+        return 1
+    _out("OK: every fused block reproduces its train form")
+    return 0
+
+
+def _block_difference(
+    found: FoundBlock, rng: np.random.Generator, args: argparse.Namespace
+) -> float:
+    """``max |train - fused| / max magnitude`` of one block on a random NCHW input."""
+    conv = found.block.reparameterize()
+    size = args.size if args.size is not None else max(16, conv.kernel.shape[2] + 4)
+    shape = (args.batch, conv.in_channels, size, size)
+    x = rng.standard_normal(shape).astype(np.promote_types(conv.kernel.dtype, np.float32))
+    with np.errstate(over="ignore", invalid="ignore"):
+        difference = float(np.max(np.abs(found.block(x) - conv(x))))
+        magnitude = float(np.max(found.block.magnitude(x)))
+    return difference / magnitude if magnitude > 0 else difference
+
+
 def _run(args: argparse.Namespace) -> int:
     check_destination(args.output, func="run", allowed=(".npy",), what="--output")
     if _same_file(args.input, args.output):
@@ -192,7 +331,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ReparamError(
                 f"run: --input {name} has {bad:,} non-finite values (NaN or inf) of {x.size:,}"
             )
-    model = _load(args.weights, args).model
+    model = _network(args.weights, args)
     _progress(f"running the {model.form} form on {x.shape} ...")
     with np.errstate(over="ignore", invalid="ignore"):
         logits = model(x)
@@ -209,28 +348,47 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    model, stored = _load(args.weights, args)
-    held = "" if stored == (model.dtype.name,) else f" (the file holds {', '.join(stored)})"
-    _out(f"layout:        {model.layout}")
-    _out(f"form:          {model.form}")
-    _out(f"architecture:  {model.arch or 'custom'}")
-    _out(f"dtype:         {model.dtype}{held}")
-    _out(f"blocks:        {len(model.blocks)}")
-    _out(f"input:         {model.in_channels} channels; classes: {model.num_classes}")
-    _out(f"parameters:    {_millions(model.num_parameters)}")
-    own = model.multiply_adds(224, 224)
-    line = f"multiply-adds: {own / 1e9:.2f} G at 224x224 ({model.form} form)"
-    if model.form == "train":
-        deploy = model.multiply_adds(224, 224, form="deploy")
-        line += f", {deploy / 1e9:.2f} G deploy form"
-    _out(line)
+    checkpoint = _read(args.weights, args)
+    model = checkpoint.network
+    if model is not None:
+        _out(f"layout:        {model.layout}")
+        _out(f"form:          {model.form}")
+        _out(f"architecture:  {model.arch or 'custom'}")
+        _out(f"dtype:         {model.dtype}{describe_stored(checkpoint, model.dtype)}")
+        _out(f"blocks:        {len(model.blocks)}")
+        _out(f"strides:       {_describe_strides(model)}")
+        _out(f"input:         {model.in_channels} channels; classes: {model.num_classes}")
+        _out(f"parameters:    {_millions(model.num_parameters)}")
+        own = model.multiply_adds(224, 224)
+        line = f"multiply-adds: {own / 1e9:.2f} G at 224x224 ({model.form} form)"
+        if model.form == "train":
+            deploy = model.multiply_adds(224, 224, form="deploy")
+            line += f", {deploy / 1e9:.2f} G deploy form"
+        _out(line)
+        if model.form == "deploy":
+            return 0
+    else:
+        stored = ", ".join(checkpoint.stored_dtypes) or "no floating tensors"
+        _out(f"tensors:       {len(checkpoint.tensors)} ({stored})")
+    _, report = convert_state_dict(checkpoint.tensors, overrides=_overrides(args), eps=args.eps)
+    for line in report.lines():
+        _out(line)
     return 0
+
+
+def _describe_strides(model: RepVGG) -> str:
+    twos = [name for name, spec in model.specs if spec.stride == 2]
+    shown_twos = ", ".join(twos[:6]) + (", ..." if len(twos) > 6 else "")
+    return (
+        f"2 at {shown_twos or 'no block'}; 1 elsewhere (an identity branch means 1; otherwise "
+        "the RepVGG rule, 2 at a stage's first block; --set PREFIX.stride=S states one)"
+    )
 
 
 def _export(args: argparse.Namespace) -> int:
     check_destination(args.onnx, func="export", allowed=(".onnx",))
     check_opset(args.opset, func="export")
-    model = _load(args.weights, args).model
+    model = _network(args.weights, args)
     _progress(f"building the ONNX graph ({len(model.blocks)} blocks) ...")
     with _file_errors(args.onnx, "write"):
         export_onnx(model, args.onnx, opset=args.opset)
@@ -297,7 +455,7 @@ def _demo(args: argparse.Namespace) -> int:
         paths.append(path)
     checkpoint, data_path = paths
     images, labels = _read_digits(data_path)
-    model = _load(str(checkpoint), args).model
+    model = _network(str(checkpoint), args)
     _progress(f"fusing {len(model.blocks)} blocks ...")
     deploy = model.reparameterize()
     _progress(f"classifying {len(labels)} held-out digits with both forms ...")
@@ -345,6 +503,26 @@ def _parser() -> argparse.ArgumentParser:
             help="key layout of the input (default: detected from the keys)",
         )
 
+    def options(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--set",
+            action="append",
+            metavar="PREFIX.OPTION=VALUE",
+            help="state what the tensors cannot say, per block prefix (fnmatch patterns), e.g. "
+            "'backbone.*.stride=1', 'neck.0.family=QARepVGGBlockV2', '*.eps=0.001'; repeatable",
+        )
+        command.add_argument(
+            "--overrides",
+            metavar="FILE",
+            help='the same as a .json or .toml file: {"PREFIX": {"option": value}}',
+        )
+        command.add_argument(
+            "--eps",
+            type=float,
+            default=1e-5,
+            help="BatchNorm epsilon of every block (default 1e-5; YOLOv6 models use 1e-3)",
+        )
+
     convert = commands.add_parser("convert", help="fuse a train checkpoint into deploy weights")
     convert.add_argument("train", help="train-form checkpoint (.npz, .safetensors, .pth, .pt)")
     convert.add_argument(
@@ -362,6 +540,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow the output to be the input file itself (the train weights are lost)",
     )
+    options(convert)
     convert.set_defaults(handler=_convert)
 
     verify = commands.add_parser("verify", help="check that both forms give the same logits")
@@ -373,6 +552,7 @@ def _parser() -> argparse.ArgumentParser:
         "--size", type=int, help="image side (default 64; 32 for custom architectures)"
     )
     verify.add_argument("--seed", type=int, default=0, help="seed of the random input")
+    options(verify)
     verify.set_defaults(handler=_verify)
 
     run = commands.add_parser("run", help="compute logits for an NCHW .npy input")
@@ -381,11 +561,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", required=True, help="where to write the logits (.npy)")
     layout(run)
     arch(run)
+    options(run)
     run.set_defaults(handler=_run)
 
     info = commands.add_parser("info", help="describe a checkpoint")
     info.add_argument("weights", help="checkpoint, train or deploy form")
     layout(info)
+    options(info)
     info.set_defaults(handler=_info)
 
     export = commands.add_parser("export", help="write the deploy form as an ONNX model")
@@ -396,6 +578,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     layout(export)
     arch(export)
+    options(export)
     export.set_defaults(handler=_export)
 
     demo = commands.add_parser("demo", help="convert the bundled digits model and compare forms")

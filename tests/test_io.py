@@ -261,14 +261,23 @@ def test_all_problems_are_counted_in_one_line() -> None:
     assert "\n" not in message and len(message) <= 300, message
 
 
-def test_identity_on_a_strided_block_disagrees() -> None:
+def test_identity_branch_means_stride_1_unless_stated_otherwise() -> None:
+    """An identity branch only exists at stride 1: a stage may start without a stride (timm s=1)."""
     tensors: dict[str, Any] = dict(to_state_dict(_tiny()))
     for leaf in ("weight", "bias", "running_mean", "running_var"):
         tensors[f"stage2.0.rbr_identity.{leaf}"] = np.ones(8, np.float32)
+    model = from_state_dict(tensors)
+    assert dict(model.specs)["stage2.0"].stride == 1, "identity branch => stride 1"
+    assert dict(model.specs)["stage1.0"].stride == 2, "no identity at a stage start: the rule"
     with pytest.raises(
         ReparamError, match=re.escape("branches disagree: stage2.0 has an identity")
     ):
-        from_state_dict(tensors)
+        from_state_dict(tensors, strides={"stage2.0": 2})
+    stated = from_state_dict(to_state_dict(_tiny()), strides={"stage1.*": 1})
+    assert {n: s.stride for n, s in stated.specs if n.startswith("stage1")} == {
+        "stage1.0": 1,
+        "stage1.1": 1,
+    }
 
 
 def test_missing_blocks_and_stages() -> None:

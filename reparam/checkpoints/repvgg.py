@@ -10,6 +10,7 @@ every stage, 1 elsewhere (the rule of every published RepVGG).
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -360,6 +361,7 @@ def from_state_dict(
     layout: Layout | None = None,
     arch: str | None = None,
     eps: float = 1e-5,
+    strides: Mapping[str, int] | None = None,
 ) -> RepVGG:
     """Build a model from a flat mapping of names to arrays.
 
@@ -375,6 +377,12 @@ def from_state_dict(
         by default it is inferred when the shapes match one.
     eps : float, default 1e-5
         The BatchNorm epsilon (1e-5 in both layouts' frameworks).
+    strides : mapping of str to int, optional
+        Strides by block prefix in the checkpoint's names (``"stages.2.0"``,
+        ``fnmatch`` patterns allowed). The tensors never hold strides: by
+        default a block with an identity branch has stride 1 and otherwise
+        the published rule applies (2 for the stem and the first block of
+        each stage).
 
     Returns
     -------
@@ -397,7 +405,12 @@ def from_state_dict(
     RepVGG(custom, form=deploy, blocks=1, classes=2, dtype=float64, layout=official)
     """
     return _from_state_dict(
-        tensors, layout=layout, arch=arch, eps=eps, source="from_state_dict: the state dict"
+        tensors,
+        layout=layout,
+        arch=arch,
+        eps=eps,
+        source="from_state_dict: the state dict",
+        strides=strides,
     )
 
 
@@ -441,6 +454,26 @@ def _check_keys(keys: list[str], *, layout: Layout | None, source: str) -> None:
         raise _problems_error(problems, keys, chosen, forced=layout is not None, source=source)
 
 
+def _stride(
+    name: str, branches: Mapping[str, Any], layout: Layout, strides: Mapping[str, int] | None
+) -> int:
+    """Return a block's stride: stated, else 1 with an identity branch, else the RepVGG rule.
+
+    The tensors never say the stride. An identity branch only exists at
+    stride 1; elsewhere the published rule applies (2 for the stem and the
+    first block of a stage, 1 for the rest), unless ``strides`` (keyed by the
+    block's prefix in the checkpoint's layout, ``fnmatch`` patterns allowed)
+    says otherwise, e.g. for a timm stage configured with ``s=1``.
+    """
+    prefix = block_prefix(name, layout)
+    for pattern, stride in (strides or {}).items():
+        if pattern == prefix or fnmatch.fnmatchcase(prefix, pattern):
+            return int(stride)
+    if "identity" in branches:
+        return 1
+    return 2 if name == "stage0" or name.endswith(".0") else 1
+
+
 def _from_state_dict(
     tensors: Mapping[str, Any],
     *,
@@ -448,6 +481,7 @@ def _from_state_dict(
     arch: str | None,
     eps: float,
     source: str,
+    strides: Mapping[str, int] | None = None,
 ) -> RepVGG:
     func = "from_state_dict"
     chosen = _layout_of(tensors.keys(), layout, source=source)
@@ -459,7 +493,7 @@ def _from_state_dict(
     in_channels: int | None = None
     for position in positions:
         name = _block_name(position)
-        stride = 2 if position[1] == 0 else 1
+        stride = _stride(name, parsed[position], chosen, strides)
         block = _check_block(name, parsed[position], in_channels, stride, chosen, problems)
         if block is None:
             in_channels = None
@@ -602,6 +636,7 @@ def load_file(
     arch: str | None = None,
     layout: Layout | None = None,
     eps: float = 1e-5,
+    strides: Mapping[str, int] | None = None,
 ) -> LoadedCheckpoint:
     """Load a RepVGG checkpoint and say what the file held; see :func:`load`.
 
@@ -616,7 +651,12 @@ def load_file(
         check_keys=lambda keys: _check_keys(keys, layout=layout, source=f"load: {name}"),
     )
     model = _from_state_dict(
-        contents.tensors, layout=layout, arch=arch, eps=eps, source=f"load: {name}"
+        contents.tensors,
+        layout=layout,
+        arch=arch,
+        eps=eps,
+        source=f"load: {name}",
+        strides=strides,
     )
     floating = {
         contents.stored[key]

@@ -31,21 +31,29 @@ from typing import Any
 from ..core.errors import ReparamError
 from .base import (
     FAMILIES,
+    KEY_LAYOUTS,
     REQUIRED,
     Family,
     FamilyBlock,
+    Inferred,
+    KeyLayout,
     StateReader,
     register_family,
+    register_layout,
     resolve_config,
 )
 
 __all__ = [
     "FAMILIES",
+    "KEY_LAYOUTS",
     "REQUIRED",
     "Family",
     "FamilyBlock",
+    "Inferred",
+    "KeyLayout",
     "from_state_dict",
     "register_family",
+    "register_layout",
 ]
 
 #: The family modules; each defines ``FAMILY`` (and may define more, e.g. ``FAMILY_V2``).

@@ -12,16 +12,24 @@ Deploy key: ``fused_conv``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from ..core.algebra import Node, Norm, Parallel, Sequential
 from .base import (
     REQUIRED,
+    UNKNOWN_GROUPS,
     Channels,
     Config,
     Family,
+    Inferred,
+    KeyLayout,
     StateReader,
     check_groups,
     conv_bn,
     refuse,
+    register_layout,
+    square_kernel,
     whole,
 )
 
@@ -68,6 +76,23 @@ def acnet_tree(reader: StateReader, config: Config) -> Node:
     return tree
 
 
+def infer_acnet(state: Mapping[str, Any], given: Mapping[str, Any]) -> Inferred:
+    """Read the configuration off the tensors (the fused kernel does not depend on padding)."""
+    out_channels, per_group, size = square_kernel(state, "square_conv.weight")
+    groups = int(given.get("groups", 1))
+    config = {
+        "in_channels": per_group * groups,
+        "out_channels": out_channels,
+        "kernel_size": size,
+        "padding": size // 2,
+        "groups": groups,
+        "use_affine": "square_bn.weight" in state,
+        "use_last_bn": "last_bn.running_var" in state,
+    }
+    padding = "padding: kernel_size // 2 assumed (the fused kernel is the same for any)"
+    return Inferred(config, (UNKNOWN_GROUPS, padding))
+
+
 FAMILY = Family(
     name=NAME,
     options={
@@ -88,4 +113,16 @@ FAMILY = Family(
     build=acnet_tree,
     deploy_prefix="fused_conv",
     source="DingXiaoH/ACNet acnet/acb.py (use_last_bn: the deprecated acnet_builder.py version)",
+    infer=infer_acnet,
+)
+
+register_layout(
+    KeyLayout(
+        name="official",
+        families=(NAME,),
+        marker="square_conv.weight",
+        top=("square_conv", "square_bn", "ver_conv", "ver_bn", "hor_conv", "hor_bn", "last_bn"),
+        deploy_prefix="fused_conv",
+        source="DingXiaoH/ACNet ACBlock",
+    )
 )

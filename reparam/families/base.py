@@ -15,7 +15,15 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from ..core.algebra import FoldedConv, Node, evaluate, fold, magnitude, multiply_adds
+from ..core.algebra import (
+    FoldedConv,
+    Node,
+    Sequential,
+    evaluate,
+    fold,
+    magnitude,
+    multiply_adds,
+)
 from ..core.algebra import num_parameters as tree_parameters
 from ..core.checks import FloatArray
 from ..core.errors import ReparamError
@@ -29,6 +37,7 @@ __all__ = [
     "FamilyBlock",
     "StateReader",
     "register_family",
+    "register_layout",
 ]
 
 
@@ -44,6 +53,90 @@ REQUIRED: Any = _Required()
 
 Config = dict[str, Any]
 Builder = Callable[["StateReader", Config], Node]
+
+
+class Inferred(NamedTuple):
+    """What a block's tensors say about its constructor arguments.
+
+    Attributes
+    ----------
+    config : dict
+        Arguments the shapes determine, or that do not change the fused conv
+        (each of those is named in ``notes``).
+    notes : tuple of str
+        Values assumed because the tensors do not fix them and the fused conv
+        does not depend on them (e.g. groups without an identity branch).
+    ambiguous : tuple of (str, str)
+        ``(option, why)`` for values the fusion needs but the tensors do not
+        determine; they must be stated by the user.
+    """
+
+    config: dict[str, Any]
+    notes: tuple[str, ...] = ()
+    ambiguous: tuple[tuple[str, str], ...] = ()
+
+
+#: ``infer(state, given)``: ``given`` holds the options the user stated (e.g. groups).
+Inferrer = Callable[[Mapping[str, Any], Mapping[str, Any]], Inferred]
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """One naming of a family's state-dict keys, as some published code writes them.
+
+    Attributes
+    ----------
+    name : str
+        E.g. ``"official"``, ``"timm"``, ``"apple"``.
+    families : tuple of str
+        The families whose blocks use these keys (the first is the default;
+        a user picks another with the ``family`` option, e.g. QARepVGG V2).
+    marker : str
+        A key every train-form block of this layout has (``"rbr_dense.conv.weight"``).
+    top : tuple of str
+        The first key segments that belong to the block (other keys under the
+        block's prefix, such as ``se.*``, are not part of it).
+    renames : tuple of (str, str)
+        First segments renamed to the family's published names
+        (timm's ``conv_kxk`` -> ``rbr_dense``).
+    deploy_prefix : str
+        Where this layout's deploy module keeps the fused conv.
+    absent : tuple of str
+        Keys that must not be present (they mark another layout).
+    source : str
+        Whose code uses these names.
+    """
+
+    name: str
+    families: tuple[str, ...]
+    marker: str
+    top: tuple[str, ...]
+    deploy_prefix: str
+    renames: tuple[tuple[str, str], ...] = ()
+    absent: tuple[str, ...] = ()
+    source: str = ""
+
+    def published(self, key: str) -> str:
+        """Return the family's published name of a local key in this layout."""
+        head, _, rest = key.partition(".")
+        for old, new in self.renames:
+            if head == old:
+                return f"{new}.{rest}" if rest else new
+        return key
+
+    def matches(self, local_keys: set[str]) -> bool:
+        """Whether a block's local keys (relative to its prefix) are of this layout."""
+        return self.marker in local_keys and not any(key in local_keys for key in self.absent)
+
+
+#: Every registered key layout, most specific first (the walker takes the first match).
+KEY_LAYOUTS: list[KeyLayout] = []
+
+
+def register_layout(layout: KeyLayout) -> KeyLayout:
+    """Add a key layout to :data:`KEY_LAYOUTS` (checked by the walker in registration order)."""
+    KEY_LAYOUTS.append(layout)
+    return layout
 
 
 @dataclass(frozen=True)
@@ -65,6 +158,14 @@ class Family:
         conv is stored as ``{deploy_prefix}.weight`` and ``.bias``.
     source : str
         Where the block is published.
+    infer : callable
+        ``infer(state, given) -> Inferred``: the constructor arguments a
+        block's state dict (published names) determines, given the options
+        the user stated.
+    kept : tuple of str
+        Train-form modules the published deploy form keeps beside the fused
+        conv (QARepVGG keeps its post-sum ``bn``); their tensors are written
+        unchanged and the conv is fused without them.
     """
 
     name: str
@@ -72,6 +173,8 @@ class Family:
     build: Builder
     deploy_prefix: str
     source: str
+    infer: Inferrer | None = None
+    kept: tuple[str, ...] = ()
 
 
 #: Every registered family, by published class name.
@@ -250,10 +353,33 @@ class FamilyBlock:
                 raise ReparamError(f"{self.name}: {exc}") from None
         return self._fold_cache["conv"]
 
-    def deploy_state(self) -> dict[str, FloatArray]:
-        """Return the fused conv under the published deploy module's key names."""
-        conv = self.reparameterize()
-        prefix = self.family.deploy_prefix
+    def deploy_conv(self) -> FoldedConv:
+        """Return the conv the published deploy module holds.
+
+        The whole fold (:meth:`reparameterize`), except for families whose
+        deploy form keeps a train-form module (``Family.kept``, QARepVGG's
+        post-sum ``bn``): then the fold of everything before it.
+        """
+        if not self.family.kept:
+            return self.reparameterize()
+        steps = self.tree.steps if isinstance(self.tree, Sequential) else (self.tree,)
+        inner = [step for step in steps if step.name not in self.family.kept]
+        try:
+            return fold(inner[0] if len(inner) == 1 else Sequential(*inner))
+        except ReparamError as exc:
+            raise ReparamError(f"{self.name}: {exc}") from None
+
+    def deploy_state(self, deploy_prefix: str | None = None) -> dict[str, FloatArray]:
+        """Return the deploy conv under the published deploy module's key names.
+
+        Parameters
+        ----------
+        deploy_prefix : str, optional
+            The deploy module's name; the family's own by default (another key
+            layout may name it differently, e.g. timm's ``reparam_conv``).
+        """
+        conv = self.deploy_conv()
+        prefix = deploy_prefix or self.family.deploy_prefix
         return {f"{prefix}.weight": conv.kernel, f"{prefix}.bias": conv.bias}
 
     def magnitude(self, x: npt.ArrayLike) -> FloatArray:
@@ -369,3 +495,33 @@ def conv_bn(
         Norm(reader.bn(f"{dot}{bn}", out_channels, affine=affine), name=f"{dot}{bn}"),
         name=prefix,
     )
+
+
+def shape(state: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    """Return the shape of ``state[key]`` (empty when missing: the build reports it)."""
+    value = state.get(key)
+    return tuple(np.shape(value)) if value is not None else ()
+
+
+def square_kernel(state: Mapping[str, Any], key: str) -> tuple[int, int, int]:
+    """``(C_out, C_in // groups, k)`` of a square conv weight, or an error naming the key."""
+    found = shape(state, key)
+    if len(found) != 4 or found[2] != found[3]:
+        raise ReparamError(
+            f"{key} has shape {found or '(missing)'}; expected a square conv weight "
+            "(C_out, C_in // groups, k, k)"
+        )
+    return found[0], found[1], found[2]
+
+
+def groups_from_identity(out_channels: int, per_group: int, key: str) -> int:
+    """Return the groups, when an identity branch makes ``C_in == C_out``."""
+    if per_group == 0 or out_channels % per_group:
+        raise ReparamError(
+            f"{key}: an identity branch needs C_in == C_out, but C_out={out_channels} is not a "
+            f"multiple of C_in // groups={per_group}"
+        )
+    return out_channels // per_group
+
+
+UNKNOWN_GROUPS = "groups: not in the tensors and not needed to fuse; 1 assumed"

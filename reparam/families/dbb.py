@@ -21,6 +21,9 @@ form. Every conv of the block has its groups. Deploy key: ``dbb_reparam``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from ..core.algebra import AvgPool, Conv, Identity, Node, Norm, Pad, Parallel, Sequential
 from ..core.errors import ReparamError
 from .base import (
@@ -28,10 +31,15 @@ from .base import (
     Channels,
     Config,
     Family,
+    Inferred,
+    KeyLayout,
     StateReader,
     check_groups,
     conv_bn,
     refuse,
+    register_layout,
+    shape,
+    square_kernel,
     whole,
 )
 
@@ -126,6 +134,32 @@ def dbb_tree(reader: StateReader, config: Config) -> Node:
     return Parallel(*branches, name=NAME)
 
 
+def infer_dbb(state: Mapping[str, Any], given: Mapping[str, Any]) -> Inferred:
+    """Read the configuration off the tensors: the 1x1 -> kxk pair fixes the groups."""
+    out_channels, per_group, size = square_kernel(state, "dbb_origin.conv.weight")
+    first = "dbb_1x1_kxk.idconv1.weight"
+    if first not in state:
+        first = "dbb_1x1_kxk.conv1.weight"
+    internal = (shape(state, first) or (0,))[0]
+    second = shape(state, "dbb_1x1_kxk.conv2.weight")
+    if len(second) != 4 or second[1] == 0 or internal % second[1]:
+        raise ReparamError(
+            f"dbb_1x1_kxk.conv2.weight has shape {second or '(missing)'}; expected "
+            f"(C_out, internal // groups, k, k) with internal = {internal} from {first}"
+        )
+    groups = internal // second[1]
+    config = {
+        "in_channels": per_group * groups,
+        "out_channels": out_channels,
+        "kernel_size": size,
+        "padding": size // 2,
+        "groups": groups,
+        "internal_channels_1x1_3x3": internal,
+        "stride": 1,
+    }
+    return Inferred(config, ("stride: not needed to fuse",))
+
+
 FAMILY = Family(
     name=NAME,
     options={
@@ -144,4 +178,16 @@ FAMILY = Family(
     build=dbb_tree,
     deploy_prefix="dbb_reparam",
     source="DingXiaoH/DiverseBranchBlock diversebranchblock.py",
+    infer=infer_dbb,
+)
+
+register_layout(
+    KeyLayout(
+        name="official",
+        families=(NAME,),
+        marker="dbb_origin.conv.weight",
+        top=("dbb_origin", "dbb_1x1", "dbb_1x1_kxk", "dbb_avg"),
+        deploy_prefix="dbb_reparam",
+        source="DingXiaoH/DiverseBranchBlock DiverseBranchBlock",
+    )
 )

@@ -12,17 +12,26 @@ Deploy key: ``reparam_conv``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from ..core.algebra import Node, Norm, Parallel
 from ..core.errors import ReparamError
 from .base import (
     REQUIRED,
+    UNKNOWN_GROUPS,
     Channels,
     Config,
     Family,
+    Inferred,
+    KeyLayout,
     StateReader,
     check_groups,
     conv_bn,
+    groups_from_identity,
     refuse,
+    register_layout,
+    square_kernel,
     whole,
 )
 
@@ -72,6 +81,27 @@ def mobileone_tree(reader: StateReader, config: Config) -> Node:
     return Parallel(*branches, name=NAME)
 
 
+def infer_mobileone(state: Mapping[str, Any], given: Mapping[str, Any]) -> Inferred:
+    """Read the configuration off the tensors: the branches counted, the skip fixes the groups."""
+    out_channels, per_group, size = square_kernel(state, "rbr_conv.0.conv.weight")
+    count = 0
+    while f"rbr_conv.{count}.conv.weight" in state:
+        count += 1
+    config = {
+        "out_channels": out_channels,
+        "kernel_size": size,
+        "padding": size // 2,
+        "num_conv_branches": count,
+    }
+    if "rbr_skip.running_var" in state:
+        groups = groups_from_identity(out_channels, per_group, "rbr_skip")
+        return Inferred(config | {"in_channels": out_channels, "groups": groups, "stride": 1})
+    groups = int(given.get("groups", 1))
+    stride = 2 if per_group * groups == out_channels else 1
+    config |= {"in_channels": per_group * groups, "groups": groups, "stride": stride}
+    return Inferred(config, (UNKNOWN_GROUPS, "stride: not needed to fuse"))
+
+
 FAMILY = Family(
     name=NAME,
     options={
@@ -89,4 +119,27 @@ FAMILY = Family(
     build=mobileone_tree,
     deploy_prefix="reparam_conv",
     source="apple/ml-mobileone mobileone.py",
+    infer=infer_mobileone,
+)
+
+register_layout(
+    KeyLayout(
+        name="apple",
+        families=(NAME,),
+        marker="rbr_conv.0.conv.weight",
+        top=("rbr_conv", "rbr_scale", "rbr_skip"),
+        deploy_prefix="reparam_conv",
+        source="apple/ml-mobileone MobileOneBlock",
+    )
+)
+register_layout(
+    KeyLayout(
+        name="timm",
+        families=(NAME,),
+        marker="conv_kxk.0.conv.weight",
+        top=("conv_kxk", "conv_scale", "identity"),
+        deploy_prefix="reparam_conv",
+        renames=(("conv_kxk", "rbr_conv"), ("conv_scale", "rbr_scale"), ("identity", "rbr_skip")),
+        source="timm byobnet MobileOneBlock",
+    )
 )

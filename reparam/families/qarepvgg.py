@@ -13,7 +13,9 @@ every BatchNorm's eps to 1e-3 when it builds a model (pass ``eps=1e-3``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
+from typing import Any
 
 from ..core.algebra import AvgPool, Conv, Identity, Node, Norm, Parallel, Sequential
 from ..core.errors import ReparamError
@@ -22,10 +24,14 @@ from .base import (
     Channels,
     Config,
     Family,
+    Inferred,
+    KeyLayout,
     StateReader,
     check_groups,
     conv_bn,
     refuse,
+    register_layout,
+    square_kernel,
     whole,
 )
 
@@ -88,12 +94,29 @@ _OPTIONS = {
     "use_se": False,
 }
 
+_HIDDEN = (
+    "no tensors show whether its identity (or V2's average-pool) branch exists "
+    "(C_in == C_out and stride 1), nor which version it is"
+)
+
+
+def infer_qarepvgg(state: Mapping[str, Any], given: Mapping[str, Any]) -> Inferred:
+    """Read what the tensors say; stride and groups decide hidden branches and must be stated."""
+    out_channels, per_group, size = square_kernel(state, "rbr_dense.conv.weight")
+    config = {"out_channels": out_channels, "kernel_size": size, "padding": size // 2}
+    if "groups" in given:
+        config["in_channels"] = per_group * int(given["groups"])
+    return Inferred(config, (), (("stride", _HIDDEN), ("groups", _HIDDEN), ("family", _HIDDEN)))
+
+
 FAMILY = Family(
     name="QARepVGGBlock",
     options=dict(_OPTIONS),
     build=qarepvgg_tree,
     deploy_prefix="rbr_reparam",
     source="meituan/YOLOv6 yolov6/layers/common.py",
+    infer=infer_qarepvgg,
+    kept=("bn",),
 )
 
 FAMILY_V2 = Family(
@@ -102,4 +125,17 @@ FAMILY_V2 = Family(
     build=partial(qarepvgg_tree, version=2),
     deploy_prefix="rbr_reparam",
     source="meituan/YOLOv6 yolov6/layers/common.py",
+    infer=infer_qarepvgg,
+    kept=("bn",),
+)
+
+register_layout(
+    KeyLayout(
+        name="official",
+        families=("QARepVGGBlock", "QARepVGGBlockV2"),
+        marker="rbr_1x1.weight",
+        top=("rbr_dense", "rbr_1x1", "bn"),
+        deploy_prefix="rbr_reparam",
+        source="meituan/YOLOv6 QARepVGGBlock, QARepVGGBlockV2 (the deploy form keeps bn)",
+    )
 )

@@ -8,18 +8,26 @@ unless ``small_kernel`` is None, ``small_conv`` (kxk conv + BN, padding
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from ..core.algebra import Node, Parallel
 from ..core.conv import centred_padding
 from ..core.errors import ReparamError
 from .base import (
     REQUIRED,
+    UNKNOWN_GROUPS,
     Channels,
     Config,
     Family,
+    Inferred,
+    KeyLayout,
     StateReader,
     check_groups,
     conv_bn,
     refuse,
+    register_layout,
+    square_kernel,
     whole,
 )
 
@@ -62,6 +70,24 @@ def replknet_tree(reader: StateReader, config: Config) -> Node:
     return Parallel(*branches, name=NAME)
 
 
+def infer_replknet(state: Mapping[str, Any], given: Mapping[str, Any]) -> Inferred:
+    """Read the configuration off the tensors: both kernel sizes from their shapes."""
+    out_channels, per_group, size = square_kernel(state, "lkb_origin.conv.weight")
+    small = None
+    if "small_conv.conv.weight" in state:
+        small = square_kernel(state, "small_conv.conv.weight")[2]
+    groups = int(given.get("groups", 1))
+    config = {
+        "in_channels": per_group * groups,
+        "out_channels": out_channels,
+        "kernel_size": size,
+        "stride": 1,
+        "groups": groups,
+        "small_kernel": small,
+    }
+    return Inferred(config, (UNKNOWN_GROUPS, "stride: not needed to fuse"))
+
+
 FAMILY = Family(
     name=NAME,
     options={
@@ -76,4 +102,16 @@ FAMILY = Family(
     build=replknet_tree,
     deploy_prefix="lkb_reparam",
     source="DingXiaoH/RepLKNet-pytorch replknet.py",
+    infer=infer_replknet,
+)
+
+register_layout(
+    KeyLayout(
+        name="official",
+        families=(NAME,),
+        marker="lkb_origin.conv.weight",
+        top=("lkb_origin", "small_conv"),
+        deploy_prefix="lkb_reparam",
+        source="DingXiaoH/RepLKNet-pytorch ReparamLargeKernelConv",
+    )
 )

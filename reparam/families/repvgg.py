@@ -12,17 +12,26 @@ published train convs (only the deploy conv), so it is accepted and unused.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from ..core.algebra import Node, Norm, Parallel
 from ..core.errors import ReparamError
 from .base import (
     REQUIRED,
+    UNKNOWN_GROUPS,
     Channels,
     Config,
     Family,
+    Inferred,
+    KeyLayout,
     StateReader,
     check_groups,
     conv_bn,
+    groups_from_identity,
     refuse,
+    register_layout,
+    square_kernel,
     whole,
 )
 
@@ -64,6 +73,20 @@ def repvgg_tree(reader: StateReader, config: Config) -> Node:
     return Parallel(*branches, name=NAME)
 
 
+def infer_repvgg(state: Mapping[str, Any], given: Mapping[str, Any]) -> Inferred:
+    """Read the configuration off the tensors: an identity branch means stride 1, C_in == C_out."""
+    out_channels, per_group, size = square_kernel(state, "rbr_dense.conv.weight")
+    config = {"out_channels": out_channels, "kernel_size": size, "padding": size // 2}
+    if "rbr_identity.running_var" in state:
+        groups = groups_from_identity(out_channels, per_group, "rbr_identity")
+        config |= {"in_channels": out_channels, "groups": groups, "stride": 1}
+        return Inferred(config)
+    groups = int(given.get("groups", 1))
+    stride = 2 if per_group * groups == out_channels else 1  # no identity, C_in == C_out: strided
+    config |= {"in_channels": per_group * groups, "groups": groups, "stride": stride}
+    return Inferred(config, (UNKNOWN_GROUPS, "stride: not needed to fuse"))
+
+
 FAMILY = Family(
     name=NAME,
     options={
@@ -81,4 +104,28 @@ FAMILY = Family(
     build=repvgg_tree,
     deploy_prefix="rbr_reparam",
     source="DingXiaoH/RepVGG repvgg.py (YOLOv6 yolov6/layers/common.py: same keys)",
+    infer=infer_repvgg,
+)
+
+register_layout(
+    KeyLayout(
+        name="official",
+        families=(NAME,),
+        marker="rbr_dense.conv.weight",
+        top=("rbr_dense", "rbr_1x1", "rbr_identity"),
+        deploy_prefix="rbr_reparam",
+        absent=("rbr_1x1.weight",),
+        source="DingXiaoH/RepVGG RepVGGBlock; YOLOv6 RepVGGBlock",
+    )
+)
+register_layout(
+    KeyLayout(
+        name="timm",
+        families=(NAME,),
+        marker="conv_kxk.conv.weight",
+        top=("conv_kxk", "conv_1x1", "identity"),
+        deploy_prefix="reparam_conv",
+        renames=(("conv_kxk", "rbr_dense"), ("conv_1x1", "rbr_1x1"), ("identity", "rbr_identity")),
+        source="timm byobnet RepVggBlock",
+    )
 )
