@@ -31,6 +31,7 @@ it quantizes the ``reparam export`` graph):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..checkpoints.formats import shown_path, write_atomic
+from ..checkpoints.layouts import Layout, block_prefix
 from ..core.algebra import Node, Parallel, Sequential, fold
 from ..core.checks import FloatArray
 from ..core.conv import conv2d
@@ -58,12 +60,15 @@ __all__ = [
     "QuantReport",
     "WeightStats",
     "calibrate",
+    "check_images",
+    "check_plotting",
     "plot_report",
     "qparams_from_onnx",
     "report",
     "simulate",
     "sqnr_db",
     "weight_stats",
+    "write_json",
 ]
 
 #: Fewest calibration images accepted: MinMax ranges from fewer are noise.
@@ -231,10 +236,29 @@ def _layers(model: RepVGG, *, func: str) -> _Layers:
     return _Layers(names, tuple(blocks), weight, bias)
 
 
-def _check_images(
-    images: Any, model: RepVGG, *, func: str, name: str, minimum: int
+def check_images(
+    images: Any, model: RepVGG, *, func: str, name: str, minimum: int = MIN_CALIBRATION_SAMPLES
 ) -> npt.NDArray[np.float32]:
-    """Check NCHW float images with the model's channels, at least ``minimum``, all finite."""
+    """Check images for ``model`` and return them in float32 (what the runtime is fed).
+
+    Parameters
+    ----------
+    images : array_like, shape (N, C_in, H, W)
+    model : RepVGG
+    func, name : str
+        What the error starts with, and what it calls the images.
+    minimum : int, default MIN_CALIBRATION_SAMPLES
+
+    Returns
+    -------
+    ndarray of float32
+
+    Raises
+    ------
+    ReparamError
+        Unless ``images`` is a floating NCHW array with the model's channels,
+        at least ``minimum`` images, every value finite.
+    """
     array = np.asarray(images)
     if not np.issubdtype(array.dtype, np.floating):
         raise ReparamError(
@@ -384,7 +408,7 @@ def calibrate(
     func = "calibrate"
     network = as_network(model, func=func)
     layers = _layers(network.model, func=func)
-    images = _check_images(
+    images = check_images(
         calibration, network.model, func=func, name="calibration", minimum=MIN_CALIBRATION_SAMPLES
     )
     return _build(layers, _ranges(layers, images, func=func), per_channel=per_channel)
@@ -545,7 +569,7 @@ def simulate(
             "(from qparams_from_onnx); got " + ("neither" if calibration is None else "both")
         )
     layers = _layers(network.model, func=func)
-    images = _check_images(x, network.model, func=func, name="x", minimum=1)
+    images = check_images(x, network.model, func=func, name="x", minimum=1)
     if qparams is not None:
         params = _check_qparams(layers, qparams, func=func)
         if bool(per_channel) != params.per_channel:
@@ -752,6 +776,8 @@ class WeightStats(NamedTuple):
         the tap with the largest ``|w|``, ``|w_b| / sum_b |w_b|``.
     worst_channel : int
         The channel with the largest range (it sets the per-tensor scale).
+    position : int
+        The layer's place in the network (0 for the first block; the head last).
     """
 
     name: str
@@ -764,6 +790,7 @@ class WeightStats(NamedTuple):
     branches: tuple[str, ...]
     shares: Float64Array
     worst_channel: int
+    position: int
 
     @property
     def dominant_branch(self) -> str | None:
@@ -862,7 +889,7 @@ def _kurtosis(values: FloatArray) -> float:
 
 
 def _stats(
-    name: str, weight: FloatArray, tree: Node | None, block: DeployBlock | None
+    name: str, weight: FloatArray, tree: Node | None, block: DeployBlock | None, position: int
 ) -> WeightStats:
     channel_max = np.abs(weight.astype(np.float64)).reshape(weight.shape[0], -1).max(axis=1)
     median = float(np.median(channel_max))
@@ -882,6 +909,7 @@ def _stats(
         branches,
         shares,
         int(np.argmax(channel_max)),
+        position,
     )
 
 
@@ -912,11 +940,22 @@ def weight_stats(model: RepVGG | Network) -> tuple[WeightStats, ...]:
     network = as_network(model, func="weight_stats")
     layers = _layers(network.model, func="weight_stats")
     found = [
-        _stats(name, block.kernel, network.trees.get(name), block)
-        for name, block in zip(layers.names, layers.blocks, strict=True)
-    ]
-    found.append(_stats("head", layers.head_weight, None, None))
+        _stats(
+            _checkpoint_name(name, network.model.layout), block.kernel,
+            network.trees.get(name), block, position,
+        )
+        for position, (name, block) in enumerate(zip(layers.names, layers.blocks, strict=True))
+    ]  # fmt: skip
+    found.append(_stats("head", layers.head_weight, None, None, len(found)))
     return tuple(found)
+
+
+def _checkpoint_name(name: str, layout: Layout) -> str:
+    """Spell a block name as its checkpoint does (``stages.1.0`` in timm's layout)."""
+    try:
+        return block_prefix(name, layout)
+    except ReparamError:  # a custom name that no layout spells
+        return name
 
 
 # --------------------------------------------------------------------------- sensitivity
@@ -1170,7 +1209,7 @@ def report(
     func = "report"
     network = as_network(model, func=func)
     layers = _layers(network.model, func=func)
-    images = _check_images(
+    images = check_images(
         calibration, network.model, func=func, name="calibration", minimum=MIN_CALIBRATION_SAMPLES
     )
     ranges = _ranges(layers, images, func=func)
@@ -1234,6 +1273,38 @@ def report(
 # --------------------------------------------------------------------------- the figure
 
 
+def check_plotting(*, func: str = "plot_report") -> None:
+    """Check, before any work, that matplotlib can be imported for :func:`plot_report`.
+
+    Raises
+    ------
+    ReparamError
+        If matplotlib is not installed.
+    """
+    try:
+        from matplotlib.figure import Figure  # noqa: F401
+    except ImportError:
+        raise ReparamError(
+            f"{func}: --png needs matplotlib, which is not installed (hint: pip install matplotlib)"
+        ) from None
+
+
+def write_json(found: QuantReport, path: str | os.PathLike[str]) -> None:
+    """Write :meth:`QuantReport.to_json` to ``path`` atomically (indented, ``null`` for no noise).
+
+    Raises
+    ------
+    OSError
+        If writing fails.
+    """
+    data = (json.dumps(found.to_json(), indent=2, allow_nan=False) + "\n").encode()
+
+    def write(stream: IO[bytes]) -> None:
+        stream.write(data)
+
+    write_atomic(path, write)
+
+
 def plot_report(found: QuantReport, path: str | os.PathLike[str]) -> None:
     """Draw the per-layer sensitivities as bars and write a PNG atomically.
 
@@ -1254,13 +1325,10 @@ def plot_report(found: QuantReport, path: str | os.PathLike[str]) -> None:
     func = "plot_report"
     if Path(path).suffix.lower() != ".png":
         raise ReparamError(f"{func}: path must end in .png; got {shown_path(path)}")
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ReparamError(
-            f"{func}: --png needs matplotlib, which is not installed (hint: pip install matplotlib)"
-        ) from None
-    order = sorted(found.layers, key=lambda layer: _model_order(layer.name))
+    check_plotting(func=func)
+    from matplotlib.figure import Figure
+
+    order = sorted(found.layers, key=lambda layer: layer.stats.position)
     names = [layer.name for layer in order]
     series: Sequence[tuple[str, Callable[[LayerReport], float]]] = (
         ("only this layer", lambda layer: layer.sensitivity_db),
@@ -1268,7 +1336,7 @@ def plot_report(found: QuantReport, path: str | os.PathLike[str]) -> None:
         ("only its weights, per channel", lambda layer: layer.weight_only_per_channel_db),
         ("only its activations", lambda layer: layer.activation_only_db),
     )
-    figure = Figure(figsize=(max(6.0, 0.45 * len(names) + 2.0), 4.0))
+    figure = Figure(figsize=(max(6.0, 0.45 * len(names) + 2.0) + 2.5, 4.0))
     axes = figure.add_subplot()
     width = 0.8 / len(series)
     cap = 80.0
@@ -1285,16 +1353,10 @@ def plot_report(found: QuantReport, path: str | os.PathLike[str]) -> None:
         f"{found.logits_sqnr_db:.1f} dB",
         fontsize=10,
     )
-    axes.legend(fontsize=7, loc="lower left")
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
 
     def write(stream: IO[bytes]) -> None:
         figure.savefig(stream, format="png", dpi=110)
 
     write_atomic(path, write)
-
-
-def _model_order(name: str) -> tuple[int, ...]:
-    if name == "head":
-        return (10**9,)
-    return tuple(int(part) for part in name.removeprefix("stage").split(".") if part.isdigit())
