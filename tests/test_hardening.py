@@ -45,6 +45,11 @@ def _model(seed: int = 0) -> RepVGG:
     return RepVGG.create(SMALL, num_classes=3, seed=seed, in_channels=1)
 
 
+# JAX (loaded by other test modules in the same pytest process) warns at every os.fork(), which a
+# subprocess with preexec_fn uses; the child only sets a umask or an rlimit and execs at once.
+_FORK_WARNING = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+
+
 def _cli(
     *args: str | Path, preexec_fn: Callable[[], None] | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -172,6 +177,7 @@ def test_convert_overwrites_its_input_when_told_and_keeps_the_mode(train: Path) 
     assert stat.S_IMODE(train.stat().st_mode) == 0o640, oct(train.stat().st_mode)
 
 
+@_FORK_WARNING
 def test_convert_gives_new_files_the_umask_and_keeps_an_old_files_mode(train: Path) -> None:
     new, old = train.with_name("new.npz"), train.with_name("old.npz")
     old.write_bytes(b"previous")
@@ -333,6 +339,7 @@ def test_output_is_checked_before_loading(train: Path, command: str, problem: st
     assert _listing(root) == before, "something was written"
 
 
+@_FORK_WARNING
 def test_failed_write_names_the_file(train: Path) -> None:
     """A file-size limit stops the write: the user's path is named, nothing is left behind."""
     limit = 2048  # bytes: the deploy checkpoint needs about 7 kB

@@ -110,8 +110,8 @@ def shown(text: object, limit: int = 80) -> str:
 
     Examples
     --------
-    >>> shown("a\\nb")
-    'a\\\\nb'
+    >>> shown("a\nb")
+    'a\\nb'
     >>> shown("x" * 100, limit=11)
     'xxxx...xxxx'
     """
