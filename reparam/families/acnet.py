@@ -19,18 +19,16 @@ from ..core.algebra import Node, Norm, Parallel, Sequential
 from .base import (
     REQUIRED,
     UNKNOWN_GROUPS,
-    Channels,
     Config,
     Family,
     Inferred,
     KeyLayout,
     StateReader,
-    check_groups,
     conv_bn,
+    conv_options,
     refuse,
     register_layout,
     square_kernel,
-    whole,
 )
 
 __all__ = ["FAMILY", "acnet_tree"]
@@ -47,16 +45,11 @@ def acnet_tree(reader: StateReader, config: Config) -> Node:
         dilation=(1, "the published branches differ in size with dilation"),
         padding_mode=("zeros", "only zero padding folds"),
     )
-    in_channels = whole(config, "in_channels", NAME)
-    out_channels = whole(config, "out_channels", NAME)
-    size = whole(config, "kernel_size", NAME)
-    stride = whole(config, "stride", NAME)
-    padding = whole(config, "padding", NAME, minimum=0)
-    groups = whole(config, "groups", NAME)
-    check_groups(NAME, groups, ("in_channels", in_channels), ("out_channels", out_channels))
+    options = conv_options(config, NAME)
+    out_channels, size, stride, padding = options[1:5]
     affine = bool(config["use_affine"])
     side = padding - size // 2
-    common = Channels(in_channels, out_channels, groups)
+    common = options.channels
     square, ver, hor = (
         (padding, padding),
         ((padding, padding), (side, side)),

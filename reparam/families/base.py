@@ -33,6 +33,7 @@ __all__ = [
     "FAMILIES",
     "REQUIRED",
     "Channels",
+    "ConvOptions",
     "Family",
     "FamilyBlock",
     "StateReader",
@@ -441,6 +442,37 @@ def whole(config: Config, key: str, family: str, *, minimum: int = 1) -> int:
     if value < minimum:
         raise ReparamError(f"{family}: {key} must be >= {minimum}; got {value}")
     return int(value)
+
+
+class ConvOptions(NamedTuple):
+    """The constructor options every family shares, checked."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+    stride: int
+    padding: int
+    groups: int
+
+    @property
+    def channels(self) -> Channels:
+        """``(in_channels, out_channels, groups)`` for :func:`conv_bn`."""
+        return Channels(self.in_channels, self.out_channels, self.groups)
+
+
+def conv_options(config: Config, family: str) -> ConvOptions:
+    """Check the shared options (positive ints, groups dividing both channel counts).
+
+    ``padding`` is read where the family has it, else ``kernel_size // 2``.
+    """
+    in_channels = whole(config, "in_channels", family)
+    out_channels = whole(config, "out_channels", family)
+    size = whole(config, "kernel_size", family)
+    stride = whole(config, "stride", family)
+    padding = whole(config, "padding", family, minimum=0) if "padding" in config else size // 2
+    groups = whole(config, "groups", family)
+    check_groups(family, groups, ("in_channels", in_channels), ("out_channels", out_channels))
+    return ConvOptions(in_channels, out_channels, size, stride, padding, groups)
 
 
 def refuse(config: Config, family: str, **unsupported: tuple[Any, str]) -> None:

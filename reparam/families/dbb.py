@@ -28,7 +28,6 @@ from ..core.algebra import AvgPool, Conv, Identity, Node, Norm, Pad, Parallel, S
 from ..core.errors import ReparamError
 from .base import (
     REQUIRED,
-    Channels,
     Config,
     Family,
     Inferred,
@@ -36,6 +35,7 @@ from .base import (
     StateReader,
     check_groups,
     conv_bn,
+    conv_options,
     refuse,
     register_layout,
     shape,
@@ -66,13 +66,8 @@ def dbb_tree(reader: StateReader, config: Config) -> Node:
         nonlinear=(None, "the output is taken before the block's nonlinearity"),
         dilation=(1, "the published branches differ in size with dilation"),
     )
-    in_channels = whole(config, "in_channels", NAME)
-    out_channels = whole(config, "out_channels", NAME)
-    size = whole(config, "kernel_size", NAME)
-    stride = whole(config, "stride", NAME)
-    padding = whole(config, "padding", NAME, minimum=0)
-    groups = whole(config, "groups", NAME)
-    check_groups(NAME, groups, ("in_channels", in_channels), ("out_channels", out_channels))
+    options = conv_options(config, NAME)
+    in_channels, out_channels, size, stride, padding, groups = options
     if size % 2 == 0 or padding != size // 2:
         raise ReparamError(
             f"{NAME}: expected an odd kernel_size and padding == kernel_size // 2 (the published "
@@ -89,7 +84,7 @@ def dbb_tree(reader: StateReader, config: Config) -> Node:
             f"{NAME}: the depthwise form (groups >= out_channels) pools the input itself, so it "
             f"needs in_channels == out_channels; got {in_channels} and {out_channels}"
         )
-    common = Channels(in_channels, out_channels, groups)
+    common = options.channels
     branches: list[Node] = [
         conv_bn(reader, "dbb_origin", common, kernel=(size, size), stride=stride, padding=padding)
     ]

@@ -20,14 +20,13 @@ from ..core.errors import ReparamError
 from .base import (
     REQUIRED,
     UNKNOWN_GROUPS,
-    Channels,
     Config,
     Family,
     Inferred,
     KeyLayout,
     StateReader,
-    check_groups,
     conv_bn,
+    conv_options,
     groups_from_identity,
     refuse,
     register_layout,
@@ -48,21 +47,16 @@ def mobileone_tree(reader: StateReader, config: Config) -> Node:
         inference_mode=(False, "an inference block is one conv already; read reparam_conv"),
         use_se=(False, "squeeze-and-excitation is not linear"),
     )
-    in_channels = whole(config, "in_channels", NAME)
-    out_channels = whole(config, "out_channels", NAME)
-    size = whole(config, "kernel_size", NAME)
-    stride = whole(config, "stride", NAME)
-    padding = whole(config, "padding", NAME, minimum=0)
-    groups = whole(config, "groups", NAME)
+    options = conv_options(config, NAME)
+    in_channels, out_channels, size, stride, padding = options[:5]
     count = whole(config, "num_conv_branches", NAME, minimum=0)
-    check_groups(NAME, groups, ("in_channels", in_channels), ("out_channels", out_channels))
     if size > 1 and padding != size // 2:
         raise ReparamError(
             f"{NAME}: padding={padding} with kernel_size={size}: the scale branch (1x1, padding "
             f"0) gives a different output size, so the published block does not run; expected "
             f"padding={size // 2}"
         )
-    common = Channels(in_channels, out_channels, groups)
+    common = options.channels
     branches: list[Node] = []
     if size > 1:
         branches.append(

@@ -21,18 +21,16 @@ from ..core.algebra import AvgPool, Conv, Identity, Node, Norm, Parallel, Sequen
 from ..core.errors import ReparamError
 from .base import (
     REQUIRED,
-    Channels,
     Config,
     Family,
     Inferred,
     KeyLayout,
     StateReader,
-    check_groups,
     conv_bn,
+    conv_options,
     refuse,
     register_layout,
     square_kernel,
-    whole,
 )
 
 __all__ = ["FAMILY", "FAMILY_V2", "qarepvgg_tree"]
@@ -48,13 +46,8 @@ def qarepvgg_tree(reader: StateReader, config: Config, *, version: int = 1) -> N
         use_se=(False, "squeeze-and-excitation is not linear"),
         padding_mode=("zeros", "only zero padding folds into the 1x1 branch"),
     )
-    in_channels = whole(config, "in_channels", name)
-    out_channels = whole(config, "out_channels", name)
-    size = whole(config, "kernel_size", name)
-    stride = whole(config, "stride", name)
-    padding = whole(config, "padding", name, minimum=0)
-    groups = whole(config, "groups", name)
-    check_groups(name, groups, ("in_channels", in_channels), ("out_channels", out_channels))
+    options = conv_options(config, name)
+    in_channels, out_channels, size, stride, padding, groups = options
     if padding < size // 2:
         raise ReparamError(
             f"{name}: padding={padding} with kernel_size={size} leaves the 1x1 branch a negative "
@@ -63,7 +56,7 @@ def qarepvgg_tree(reader: StateReader, config: Config, *, version: int = 1) -> N
     pointwise = reader.array("rbr_1x1.weight", (out_channels, in_channels // groups, 1, 1))
     branches: list[Node] = [
         conv_bn(
-            reader, "rbr_dense", Channels(in_channels, out_channels, groups), kernel=(size, size),
+            reader, "rbr_dense", options.channels, kernel=(size, size),
             stride=stride, padding=padding,
         ),
         Conv(pointwise, stride=stride, padding=padding - size // 2, groups=groups, name="rbr_1x1"),

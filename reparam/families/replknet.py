@@ -17,14 +17,13 @@ from ..core.errors import ReparamError
 from .base import (
     REQUIRED,
     UNKNOWN_GROUPS,
-    Channels,
     Config,
     Family,
     Inferred,
     KeyLayout,
     StateReader,
-    check_groups,
     conv_bn,
+    conv_options,
     refuse,
     register_layout,
     square_kernel,
@@ -43,13 +42,9 @@ def replknet_tree(reader: StateReader, config: Config) -> Node:
         NAME,
         small_kernel_merged=(False, "a merged block is one conv already; read lkb_reparam"),
     )
-    in_channels = whole(config, "in_channels", NAME)
-    out_channels = whole(config, "out_channels", NAME)
-    size = whole(config, "kernel_size", NAME)
-    stride = whole(config, "stride", NAME)
-    groups = whole(config, "groups", NAME)
-    check_groups(NAME, groups, ("in_channels", in_channels), ("out_channels", out_channels))
-    common = Channels(in_channels, out_channels, groups)
+    options = conv_options(config, NAME)
+    size, stride = options.kernel_size, options.stride
+    common = options.channels
     branches = [
         conv_bn(reader, "lkb_origin", common, kernel=(size, size), stride=stride,
             padding=centred_padding(size),

@@ -20,19 +20,17 @@ from ..core.errors import ReparamError
 from .base import (
     REQUIRED,
     UNKNOWN_GROUPS,
-    Channels,
     Config,
     Family,
     Inferred,
     KeyLayout,
     StateReader,
-    check_groups,
     conv_bn,
+    conv_options,
     groups_from_identity,
     refuse,
     register_layout,
     square_kernel,
-    whole,
 )
 
 __all__ = ["FAMILY", "repvgg_tree"]
@@ -49,19 +47,14 @@ def repvgg_tree(reader: StateReader, config: Config) -> Node:
         use_se=(False, "squeeze-and-excitation is not linear"),
         padding_mode=("zeros", "only zero padding folds into the 1x1 branch"),
     )
-    in_channels = whole(config, "in_channels", NAME)
-    out_channels = whole(config, "out_channels", NAME)
-    size = whole(config, "kernel_size", NAME)
-    stride = whole(config, "stride", NAME)
-    padding = whole(config, "padding", NAME, minimum=0)
-    groups = whole(config, "groups", NAME)
-    check_groups(NAME, groups, ("in_channels", in_channels), ("out_channels", out_channels))
+    options = conv_options(config, NAME)
+    in_channels, out_channels, size, stride, padding = options[:5]
     if padding < size // 2:
         raise ReparamError(
             f"{NAME}: padding={padding} with kernel_size={size} leaves the 1x1 branch a negative "
             f"padding; expected padding >= {size // 2} (the published block uses 3 and 1)"
         )
-    common = Channels(in_channels, out_channels, groups)
+    common = options.channels
     branches = [
         conv_bn(reader, "rbr_dense", common, kernel=(size, size), stride=stride, padding=padding),
         conv_bn(
