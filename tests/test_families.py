@@ -225,6 +225,13 @@ def test_missing_unexpected_and_misshaped_keys_in_one_error() -> None:
     assert "unexpected key se.down.weight" in message, message
 
 
+def test_non_finite_weights_name_the_tensor() -> None:
+    state, config = _repvgg_state()
+    state["rbr_1x1.conv.weight"][0, 0, 0, 0] = np.nan
+    with pytest.raises(ReparamError, match=r"rbr_1x1\.conv\.weight has 1 non-finite values"):
+        from_state_dict("RepVGGBlock", state, **config)
+
+
 def test_bad_batchnorm_values_name_the_tensor() -> None:
     state, config = _repvgg_state()
     state["rbr_identity.running_var"][2] = -1.0

@@ -253,6 +253,12 @@ class StateReader:
                 f"shape mismatch: {key} has shape {value.shape}, expected {shape}"
             )
             return np.zeros(shape, dtype=self.dtype)
+        bad = int(np.count_nonzero(~np.isfinite(value)))
+        if bad:
+            self._problems.append(
+                f"{key} has {bad:,} non-finite values (NaN or inf) of {value.size:,}"
+            )
+            return np.zeros(shape, dtype=self.dtype)
         return value
 
     def bn(self, prefix: str, channels: int, *, affine: bool = True) -> BatchNorm:
