@@ -435,7 +435,9 @@ def test_profile_times_every_layer() -> None:
     not summing the chunks or not running the work all change it).
     """
     case = StackCase((3, 8, 8), (1, 1), (2, 1), ("im2col", "winograd2"), 2, 8, 8, seed=9)
-    stack = DeployStack(case.layers(np.float32), algorithms=case.algorithms, max_chunk_bytes=1)
+    stack = DeployStack(
+        case.layers(np.float32), algorithms=case.algorithms, max_chunk_bytes=1, threads=1
+    )
     x = case.x(np.float32)
 
     timings = stack.profile(x)  # the real clock
@@ -448,13 +450,16 @@ def test_profile_times_every_layer() -> None:
 
     def counted(
         self: DeployStack, plan: Any, index: int, start: int, stop: int
-    ) -> list[Callable[[], None]]:
+    ) -> list[list[Callable[[], None]]]:
         def tick(task: Callable[[], None]) -> None:
             task()
             now[0] += 1.0
             ran[index] += 1
 
-        return [partial(tick, task) for task in prepared(self, plan, index, start, stop)]
+        return [
+            [partial(tick, task) for task in phase]
+            for phase in prepared(self, plan, index, start, stop)
+        ]
 
     clock = SimpleNamespace(perf_counter=lambda: now[0])
     with mock.patch.object(fast, "time", clock), mock.patch.object(DeployStack, "_tasks", counted):
@@ -622,3 +627,136 @@ def test_large_buffers_from_a_fresh_mapping() -> None:
         assert start <= first and last <= start + len(mapping), (
             f"array {i} of the plan ({array.shape}) lies outside the mapping"
         )
+
+
+# ----------------------------------------------------------------- issue 12: threads, weights once
+
+
+@st.composite
+def wide_layer_cases(draw: st.DrawFn) -> tuple[StackCase, int]:
+    """A stem, then one layer with more output channels than 4x its output pixels, and threads.
+
+    By construction the second layer reads its kernel in place (``im2col_kernel``):
+    tiny, odd and non-square images (1 to 5 pixels a side), strides 1 and 2.
+    """
+    height, width = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    stride = draw(st.sampled_from((1, 2)))
+    oh, ow = (height - 1) // stride + 1, (width - 1) // stride + 1
+    wide = draw(st.integers(4 * oh * ow + 1, 4 * oh * ow + 12))
+    middle = draw(st.integers(1, 6))
+    case = StackCase(
+        channels=(draw(st.integers(1, 5)), middle, wide),
+        groups=(1, 1),
+        strides=(1, stride),
+        algorithms=("im2col", "im2col"),
+        batch=draw(st.integers(1, 3)),
+        height=height,
+        width=width,
+        seed=draw(seeds),
+    )
+    return case, draw(st.integers(1, 3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(drawn=wide_layer_cases())
+def test_kernel_order_im2col_equals_reference(
+    dtype: npt.DTypeLike, drawn: tuple[StackCase, int]
+) -> None:
+    """The im2col variant reading the kernel in place, split by rows or by channels."""
+    case, threads = drawn
+    layers, x = case.layers(dtype), case.x(dtype)
+    for layer in layers:
+        layer[0].setflags(write=False)  # as a deploy model's kernels: shared, not copied
+    stack = DeployStack(layers, algorithms=case.algorithms, threads=threads)
+    with mock.patch.object(engine_workers, "PARALLEL_ELEMENTS", 0):  # split even tiny layers
+        actual = stack(x)
+    key = (1, "im2col_kernel", np.dtype(dtype))
+    assert key in stack._weights, f"layer 1 must read its kernel in place: {case}"
+    assert np.shares_memory(stack._weights[key], layers[1][0]), (
+        "im2col_kernel weights must be the caller's read-only kernel, not a copy"
+    )
+    expected, scale = reference_stack(x, layers)
+    assert_close(actual, expected, dtype=dtype, scale=scale, what=f"{threads} threads: {case}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=stack_cases(strides=(1, 2)), threads=st.integers(2, 3))
+def test_threads_with_one_blas_thread_equal_reference(
+    dtype: npt.DTypeLike, case: StackCase, threads: int
+) -> None:
+    """Row bands (and channel splits) on the stack's threads, BLAS pinned to one thread."""
+    layers, x = case.layers(dtype), case.x(dtype)
+    stack = DeployStack(layers, algorithms=case.algorithms, threads=threads)
+    with mock.patch.object(engine_workers, "PARALLEL_ELEMENTS", 0):
+        actual = stack(x)
+    expected, scale = reference_stack(x, layers)
+    assert_close(actual, expected, dtype=dtype, scale=scale, what=f"{threads} threads: {case}")
+
+
+def test_blas_is_pinned_to_one_thread_during_a_threaded_call_and_restored() -> None:
+    controller = engine_workers.blas_controller()
+    if controller is None:
+        pytest.skip("threadpoolctl is not installed: threads > 1 runs as 1")
+    seen: list[int] = []
+    case = StackCase((3, 8, 8), (1, 1), (2, 1), ("im2col", "winograd2"), 2, 12, 10, seed=3)
+    stack = DeployStack(case.layers(np.float32), algorithms=case.algorithms, threads=2)
+    real = np.matmul
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.extend(info["num_threads"] for info in controller.info())
+        return real(*args, **kwargs)
+
+    before = [info["num_threads"] for info in controller.info()]
+    with mock.patch.object(np, "matmul", spy):
+        stack(case.x(np.float32))
+    assert seen and set(seen) == {1}, f"BLAS must run on one thread inside the call; saw {seen}"
+    after = [info["num_threads"] for info in controller.info()]
+    assert after == before, f"BLAS threads must be restored: {before} -> {after}"
+
+
+def test_read_only_kernels_are_shared_and_writeable_ones_copied() -> None:
+    case = StackCase((3, 8, 8), (1, 1), (2, 1), None, 1, 16, 16, seed=4)
+    layers = case.layers(np.float32)
+    frozen = layers[0][0].copy()
+    frozen.setflags(write=False)
+    writeable = layers[1][0].copy()
+    stack = DeployStack([(frozen, layers[0][1], 2, 1), (writeable, layers[1][1], 1, 1)])
+    assert stack._layers[0].kernel is frozen, "a read-only kernel must be shared, not copied"
+    assert not np.shares_memory(stack._layers[1].kernel, writeable), "a writeable one is copied"
+    x = case.x(np.float32)
+    before = stack(x)
+    writeable *= 2.0  # the caller changes its array: the stack must not see it
+    assert_close(stack(x), before, dtype=np.float32, what="after the caller mutated its kernel")
+
+
+def test_weights_are_prepared_without_a_second_copy() -> None:
+    """Preparing the weights allocates them once: no consolidation copy of all of them.
+
+    tracemalloc sees the float64 intermediates of one layer at a time (the
+    weights themselves live in one mapping it does not see, or in NumPy
+    arrays it does); the peak must stay well below twice the weights.
+    """
+    layers = [(np.ones((64, 64, 3, 3), np.float32) * 0.01, np.zeros(64, np.float32), 1, 1)] * 8
+    tracemalloc.start()
+    stack = DeployStack(layers, input_size=(32, 32))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    one_layer_f64 = 36 * 64 * 64 * 8 * 2  # G k (t, O, I, 3) and G k G^T (t, O, I, t), float64
+    assert stack.weight_bytes == 8 * 36 * 64 * 64 * 4, f"F(4x4) weights: {stack.weight_bytes}"
+    assert peak <= one_layer_f64 + stack.weight_bytes // 4, (
+        f"preparing {stack.weight_bytes} bytes of weights peaked at {peak} traced bytes"
+    )
+
+
+def test_identical_layers_share_two_buffers() -> None:
+    """A run of identical layers alternates between two padded buffers, still exact."""
+    case = StackCase((4,) + (6,) * 6, (1,) * 6, (1,) * 6, ("winograd2",) * 6, 2, 9, 7, seed=5)
+    layers, x = case.layers(np.float64), case.x(np.float64)
+    stack = DeployStack(layers, algorithms=case.algorithms)
+    actual = stack(x)
+    (plan,) = stack._plans.values()
+    distinct = {buffer.ctypes.data for buffer in plan.buffers}
+    # the input (4 channels), two alternating for the five 6-channel inputs, the output
+    assert len(distinct) == 4, f"7 buffers of 3 geometries need 4 arrays; got {len(distinct)}"
+    expected, scale = reference_stack(x, layers)
+    assert_close(actual, expected, dtype=np.float64, scale=scale, what="shared buffers")

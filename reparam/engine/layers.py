@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..core.checks import FloatArray, as_float_array, positive_int
 from ..core.errors import ReparamError
 
@@ -15,7 +17,7 @@ __all__ = ["Layer", "check_layer", "output_size", "winograd_allowed"]
 class Layer:
     """One validated deploy layer and its precomputed float64 weights."""
 
-    kernel: FloatArray  # (O, I/g, 3, 3) as given
+    kernel: FloatArray  # (O, I/g, 3, 3), read-only: the caller's array if it was read-only
     bias: FloatArray  # (O,)
     stride: int
     groups: int
@@ -69,7 +71,19 @@ def check_layer(index: int, entry: Any, *, func: str) -> Layer:
             f"{func}: {where} bias has the wrong length; got {bias.shape[0]}, "
             f"expected {out_channels} (kernel.shape[0])"
         )
-    return Layer(kernel.copy(), bias.copy(), stride, groups)
+    return Layer(_held(kernel), _held(bias), stride, groups)
+
+
+def _held(array: FloatArray) -> FloatArray:
+    """Return ``array`` itself if read-only and C-contiguous, else a read-only copy.
+
+    A deploy model's kernels are read-only already: the stack shares them
+    instead of holding a second copy of every weight (RepVGG-B1: 190 MiB).
+    """
+    if array.flags.writeable or not array.flags.c_contiguous:
+        array = np.array(array, copy=True, order="C")
+        array.setflags(write=False)
+    return array
 
 
 def winograd_allowed(layer: Layer) -> bool:

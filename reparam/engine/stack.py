@@ -26,21 +26,29 @@ followed by its bias and a ReLU, and does it as fast as NumPy allows:
   by ``max_chunk_bytes`` whatever the batch size; within a chunk, layers with
   large images run a few images at a time (``layer_bytes``) so their scratch
   stays in cache;
-* optionally (``threads > 1``), the copies are split across threads and
-  Winograd layers compute bands of rows side by side (NumPy releases the
-  GIL); this pays only when BLAS itself is single-threaded.
+* with ``threads > 1`` the stack owns the parallelism of a call: BLAS is
+  pinned to one thread for its duration (with threadpoolctl, when installed;
+  restored afterwards) and every layer is split into bands of output rows
+  that the stack's threads compute side by side, each its own gather,
+  transforms and matrix products (NumPy releases the GIL in all of them);
+  with ``threads=1`` (the default) BLAS's own threads share the products;
+* weights are held once: read-only kernels (a deploy model's) are shared,
+  not copied; the transformed layouts are computed layer by layer straight
+  into one allocation; layers with more output channels than output pixels
+  read the kernel itself (im2col in the kernel's tap order).
 
 ``benchmarks/`` compares it with PyTorch on RepVGG-A0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -48,24 +56,54 @@ import numpy.typing as npt
 from ..core.checks import FloatArray, as_float_array, int_pair, positive_int
 from ..core.errors import ReparamError
 from . import workers
-from .im2col import gemm_weights, gemm_weights_nchw, im2col_nchw_task, im2col_task, reads_nchw
+from .im2col import (
+    gemm_nchw_shape,
+    gemm_shape,
+    gemm_weights,
+    gemm_weights_nchw,
+    im2col_nchw_task,
+    im2col_split_tasks,
+    im2col_task,
+    kernel_shape,
+    kernel_view,
+    kernel_weights,
+    reads_nchw,
+)
 from .layers import Layer, check_layer, output_size, winograd_allowed
 from .memory import Arena, Pool
-from .winograd import tile_side, winograd_matrices, winograd_task, winograd_weights
+from .winograd import (
+    tile_side,
+    winograd_matrices,
+    winograd_shape,
+    winograd_task,
+    winograd_weights,
+)
 from .workers import Workers
 
 __all__ = ["ALGORITHMS", "DeployStack", "choose_algorithm", "winograd_matrices"]
 
 
-#: How each algorithm lays out a layer's weights, computed once when the stack is built
-#: (``im2col_nchw`` is the first layer's im2col read straight from NCHW planes). An
-#: algorithm is one module (im2col.py, winograd.py) plus its entry here.
-PREPARE_WEIGHTS: dict[str, Callable[[Layer, np.dtype[Any]], FloatArray]] = {
-    "im2col": gemm_weights,
-    "im2col_nchw": gemm_weights_nchw,
-    "winograd2": partial(winograd_weights, tile=2),
-    "winograd4": partial(winograd_weights, tile=4),
+class WeightLayout(NamedTuple):
+    """How an algorithm lays out a layer's weights: the shape, how to fill it, or a view."""
+
+    shape: Callable[[Layer], tuple[int, ...]]
+    fill: Callable[[Layer, FloatArray], None]
+    #: the layout as a view of the layer's own arrays (no copy), used when the dtype matches
+    view: Callable[[Layer], FloatArray] | None = None
+
+
+#: How each algorithm lays out a layer's weights, computed once when the stack is built,
+#: straight into the one allocation that holds them all (``im2col_nchw`` is the first
+#: layer's im2col read from NCHW planes). An algorithm is one module (im2col.py,
+#: winograd.py) plus its entry here.
+PREPARE_WEIGHTS: dict[str, WeightLayout] = {
+    "im2col": WeightLayout(gemm_shape, gemm_weights),
+    "im2col_nchw": WeightLayout(gemm_nchw_shape, gemm_weights_nchw),
+    "im2col_kernel": WeightLayout(kernel_shape, kernel_weights, kernel_view),
+    "winograd2": WeightLayout(partial(winograd_shape, tile=2), partial(winograd_weights, tile=2)),
+    "winograd4": WeightLayout(partial(winograd_shape, tile=4), partial(winograd_weights, tile=4)),
 }
+
 
 #: The algorithms a layer can use; Winograd needs stride 1 and groups 1.
 ALGORITHMS: tuple[str, ...] = ("im2col", "winograd2", "winograd4")
@@ -84,8 +122,13 @@ _F4_SIDE = 24
 DEFAULT_LAYER_BYTES = 8 * 2**20
 
 
-#: Default bound on the buffers of one chunk of images.
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+#: Default bound on the buffers of one chunk of images (RepVGG-A0 at 224x224: 8 images,
+#: 60 MiB; RepVGG-B1: 4 images).
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+#: Largest chunk of images considered.
+_MAX_CHUNK = 1 << 16
 
 
 def choose_algorithm(
@@ -146,7 +189,7 @@ class _Plan:
     buffers: list[FloatArray]  # NHWC input buffer of every layer, then the output buffer
     origins: list[int]  # where the image starts in each buffer (1: zero border, 0: none)
     arenas: list[Arena]  # scratch of each worker thread
-    tasks: dict[tuple[int, int, int], list[Callable[[], None]]] = field(default_factory=dict)
+    tasks: dict[tuple[int, int, int], list[list[Callable[[], None]]]] = field(default_factory=dict)
 
 
 class DeployStack:
@@ -162,13 +205,15 @@ class DeployStack:
         shape ``(C_out,)``, ``stride`` 1 or 2, ``groups`` dividing both
         channel counts. Each layer's ``C_in`` is the previous ``C_out``.
         Objects with ``kernel``, ``bias``, ``stride`` and ``groups``
-        attributes (a deploy block) are accepted too. The arrays are copied.
+        attributes (a deploy block) are accepted too. Read-only
+        C-contiguous arrays (a deploy block's) are shared, not copied; others are
+        copied.
     algorithms : sequence of str, optional
         One of :data:`ALGORITHMS` per layer, or None (the default) for
         :func:`choose_algorithm` per layer and input size. Winograd is used
         only where the layer allows it (stride 1, groups 1); elsewhere the
         request falls back to ``"im2col"``.
-    max_chunk_bytes : int, default 256 MiB
+    max_chunk_bytes : int, default 64 MiB
         Bound on the buffers (padded activations, im2col columns, Winograd
         tiles) of one chunk of images; the batch is processed in chunks of as
         many images as fit (at least one), so the extra memory of a call does
@@ -187,14 +232,15 @@ class DeployStack:
         :func:`choose_algorithm`). Other sizes compute what they need on
         first use, once.
     threads : int, default 1
-        Threads of the stack's own: with more than one, the copies between
-        the matrix products (gathers, ReLU scatters), which NumPy runs on one
-        core, are split across threads, and Winograd layers compute bands of
-        rows side by side (NumPy releases the GIL in both). This pays only
-        when BLAS itself runs single-threaded (e.g. under
-        ``threadpoolctl.threadpool_limits(1)``, 48 -> 48 channels at 56x56:
-        0.51 ms instead of 0.63 ms); with OpenBLAS's own threads the two
-        compete and a whole RepVGG-A0 was slower (2 cores), hence the default.
+        Threads of the stack's own. With more than one, each layer is split
+        into that many bands of output rows (or, where the GEMM has fewer
+        pixels than output channels, into gathers by rows, then products by
+        output channels) computed side by side, while BLAS is pinned to one
+        thread for the call with threadpoolctl (optional: without it,
+        ``threads`` above 1 runs as 1, since BLAS's own threads and the
+        stack's would compete for the cores). With 1, BLAS's own threads
+        parallelize the matrix products. Which is faster depends on the
+        machine and its load: see ``benchmarks/results/``.
 
     Raises
     ------
@@ -275,7 +321,10 @@ class DeployStack:
         self._requested: list[str] | None = algorithms
         self._max_chunk_bytes = positive_int(max_chunk_bytes, func=func, name="max_chunk_bytes")
         self._layer_bytes = positive_int(layer_bytes, func=func, name="layer_bytes")
-        self._workers = Workers(positive_int(threads, func=func, name="threads"))
+        threads = positive_int(threads, func=func, name="threads")
+        if workers.blas_controller() is None:
+            threads = 1  # BLAS keeps its own threads, which the stack's would fight
+        self._workers = Workers(threads)
         self.dtype: np.dtype[Any] = np.result_type(
             *{array.dtype for layer in checked for array in (layer.kernel, layer.bias)}
         )
@@ -286,11 +335,8 @@ class DeployStack:
         # sizes, another dtype) are computed on first use and kept
         height, width = int_pair(input_size, func=func, name="input_size", minimum=1)
         compute = np.promote_types(self.dtype, np.float32)
-        for i, name in enumerate(self.algorithms(height, width)):
-            self._layer_weights(i, name, compute)
-        if reads_nchw(checked[0], self.algorithms(height, width)[0]):
-            self._layer_weights(0, "im2col_nchw", compute)
-        self._consolidate(compute)
+        sizes, algorithms = self._geometry(height, width)
+        self._prepare([(i, self._form(i, sizes, algorithms), compute) for i in range(len(checked))])
 
     @property
     def in_channels(self) -> int:
@@ -365,7 +411,7 @@ class DeployStack:
         output = np.empty(shape, dtype=result_dtype)
         if batch == 0:
             return output
-        with self._lock:  # the buffers are shared: one call at a time
+        with self._lock, self._blas():  # the buffers are shared: one call at a time
             plan = self._plan(height, width, compute, batch)
             for start in range(0, batch, plan.chunk):
                 stop = min(batch, start + plan.chunk)
@@ -393,7 +439,7 @@ class DeployStack:
         """
         inputs, compute = self._check_input(x, func="DeployStack.profile")
         seconds = [0.0] * len(self._layers)
-        with self._lock:
+        with self._lock, self._blas():
             plan = self._plan(inputs.shape[2], inputs.shape[3], compute, inputs.shape[0])
             for start in range(0, inputs.shape[0], plan.chunk):
                 self._run_chunk(plan, inputs[start : start + plan.chunk], seconds)
@@ -437,12 +483,12 @@ class DeployStack:
         chosen = [name for _, name in best]
         self._requested = chosen
         self._plans.clear()
-        self._weights = {  # keep the chosen forms (and the NCHW stem's), drop the others
-            key: weights
-            for key, weights in self._weights.items()
-            if key[1] in (chosen[key[0]], "im2col_nchw")
-        }
-        self._consolidate(np.promote_types(self.dtype, np.float32))
+        compute = np.promote_types(self.dtype, np.float32)
+        kept = [  # the chosen forms (and the im2col variants), drop the others
+            key for key in self._weights if key[1] == chosen[key[0]] or key[1].startswith("im2col")
+        ]
+        self._weights = {key: weights for key, weights in self._weights.items() if key in kept}
+        self._prepare([key for key in kept if key[2] == compute])  # into one block again
         return list(chosen)
 
     def scratch_bytes(
@@ -490,28 +536,96 @@ class DeployStack:
             )
         return inputs, np.promote_types(np.result_type(inputs.dtype, self.dtype), np.float32)
 
-    def _consolidate(self, dtype: np.dtype[Any]) -> None:
-        """Move the prepared weights into one allocation: they stream layer after layer."""
-        keys = [key for key in self._weights if key[2] == dtype]
-        pool = Pool([self._weights[key].size for key in keys], dtype)
+    def _blas(self) -> contextlib.AbstractContextManager[Any]:
+        """BLAS on one thread while the stack's own threads share the work."""
+        if self._workers.threads > 1:
+            return workers.one_blas_thread()
+        return contextlib.nullcontext()
+
+    def _prepare(self, keys: list[tuple[int, str, np.dtype[Any]]]) -> None:
+        """Compute the weights of ``keys`` straight into one allocation, layer after layer.
+
+        One block (the weights stream layer after layer), filled in place: no
+        weight is held twice, not even for a moment (RepVGG-B1: 334 MiB of
+        Winograd kernels, and before, as much again while they were copied in).
+        """
+        pending = []
         for key in keys:
-            copy = pool.take(self._weights[key].shape, zero=False)
-            np.copyto(copy, self._weights[key])
-            self._weights[key] = copy
+            index, name, dtype = key
+            view = PREPARE_WEIGHTS[name].view
+            if view is not None and self._layers[index].kernel.dtype == dtype:
+                self._weights[key] = view(self._layers[index])  # shared: nothing held twice
+            else:
+                pending.append(key)
+        keys = pending
+        layouts = [PREPARE_WEIGHTS[name] for _, name, _ in keys]
+        shapes = [
+            layout.shape(self._layers[i]) for (i, _, _), layout in zip(keys, layouts, strict=True)
+        ]
+        pools: dict[np.dtype[Any], Pool] = {}
+        for dtype in {key[2] for key in keys}:
+            sizes = [
+                int(np.prod(s)) for s, key in zip(shapes, keys, strict=True) if key[2] == dtype
+            ]
+            pools[dtype] = Pool(sizes, dtype)
+        for key, layout, shape in zip(keys, layouts, shapes, strict=True):
+            index, _, dtype = key
+            weights = pools[dtype].take(shape, zero=False)
+            layout.fill(self._layers[index], weights)
+            self._weights[key] = weights
+
+    def _form(self, index: int, sizes: list[tuple[int, int]], algorithms: list[str]) -> str:
+        """Name the weight layout layer ``index`` reads: its algorithm's, or an im2col variant.
+
+        ``im2col_nchw`` for a first layer read from NCHW planes (an RGB stem);
+        ``im2col_kernel`` (the kernel itself, :func:`kernel_view`) for one-group
+        layers with more than 4 output channels per output pixel, whose
+        weights outweigh their columns; ``im2col`` otherwise.
+        """
+        layer, algorithm = self._layers[index], algorithms[index]
+        if algorithm != "im2col":
+            return algorithm
+        if index == 0 and reads_nchw(layer, algorithm):
+            return "im2col_nchw"
+        oh, ow = sizes[index + 1]
+        if layer.groups == 1 and layer.out_channels > 4 * oh * ow:
+            return "im2col_kernel"
+        return "im2col"
 
     def _layer_weights(self, index: int, name: str, dtype: np.dtype[Any]) -> FloatArray:
         key = (index, name, dtype)
         weights = self._weights.get(key)
-        if weights is None:
-            weights = PREPARE_WEIGHTS[name](self._layers[index], dtype)
+        if weights is None:  # another size or dtype: computed on first use, kept
+            layout = PREPARE_WEIGHTS[name]
+            if layout.view is not None and self._layers[index].kernel.dtype == dtype:
+                weights = layout.view(self._layers[index])
+            else:
+                weights = np.empty(layout.shape(self._layers[index]), dtype=dtype)
+                layout.fill(self._layers[index], weights)
             self._weights[key] = weights
         return weights
 
     def _chunk(self, height: int, width: int, dtype: np.dtype[Any], batch: int | None) -> int:
-        """Images per chunk: as many as ``max_chunk_bytes`` holds, at least 1, at most ``batch``."""
-        per_image = self._chunk_bytes(height, width, dtype, 1)
-        chunk = max(1, self._max_chunk_bytes // per_image)
-        return chunk if batch is None else max(1, min(chunk, batch))
+        """Images per chunk: as many as ``max_chunk_bytes`` holds, at least 1, at most ``batch``.
+
+        The buffers of a chunk are not proportional to its images (the scratch
+        of a layer call is bounded by ``layer_bytes``), so the largest chunk
+        that fits is searched for: doubling, then bisecting.
+        """
+        limit = _MAX_CHUNK if batch is None else max(1, min(batch, _MAX_CHUNK))
+        key = (height, width, dtype)
+
+        def fits(chunk: int) -> bool:
+            return self._chunk_bytes(*key, chunk) <= self._max_chunk_bytes
+
+        low = 1
+        while low < limit and fits(min(2 * low, limit)):
+            low = min(2 * low, limit)
+        high = min(2 * low, limit)  # low fits (or is 1), high does not (or is low)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        return low
 
     def _plan(self, height: int, width: int, dtype: np.dtype[Any], batch: int | None) -> _Plan:
         chunk = self._chunk(height, width, dtype, batch)
@@ -570,6 +684,21 @@ class DeployStack:
             for start, stop in self._workers.parts(tile_rows, workers.PARALLEL_ELEMENTS)
         ]
 
+    def _by_channels(self, index: int, size: tuple[int, int], images: int) -> bool:
+        """Whether an im2col layer's GEMM is split by output channels rather than by rows.
+
+        When it has fewer rows (output pixels) than output channels per group:
+        split by rows, every thread would stream all of the weights.
+        """
+        layer = self._layers[index]
+        pixels = images * size[0] * size[1]
+        first_nchw = index == 0 and reads_nchw(layer, "im2col")
+        return (
+            self._workers.threads > 1
+            and not first_nchw
+            and pixels < layer.out_channels // layer.groups
+        )
+
     def _scratch(
         self, sizes: list[tuple[int, int]], algorithms: list[str], steps: list[int]
     ) -> list[dict[str, int]]:
@@ -577,8 +706,16 @@ class DeployStack:
         arenas: list[dict[str, int]] = [{} for _ in range(self._workers.threads)]
         for i, layer in enumerate(self._layers):
             h, w = sizes[i]
-            if algorithms[i] == "im2col":
-                needs = [scratch_sizes(layer, (h, w), "im2col", steps[i])]
+            oh, ow = output_size(h, layer.stride), output_size(w, layer.stride)
+            if algorithms[i] == "im2col" and self._by_channels(i, (oh, ow), steps[i]):
+                needs = [scratch_sizes(layer, (h, w), "im2col", steps[i])]  # shared by all
+            elif algorithms[i] == "im2col":  # a band of output rows per worker
+                needs = [
+                    scratch_sizes(
+                        layer, ((stop - start - 1) * layer.stride + 1, w), "im2col", steps[i]
+                    )
+                    for start, stop in self._bands(oh, 1)
+                ]
             else:
                 tile = 2 if algorithms[i] == "winograd2" else 4
                 needs = [
@@ -594,12 +731,45 @@ class DeployStack:
         """Bytes of the buffers of a chunk of ``chunk`` images (what :meth:`_make_plan` makes)."""
         sizes, algorithms = self._geometry(height, width)
         steps = self._steps(sizes, algorithms, chunk, dtype.itemsize)
-        total = 0
-        for i in range(len(self._layers) + 1):
-            rows, cols, _ = self._buffer_shape(i, sizes, algorithms)
-            total += chunk * rows * cols * self._channels(i)
+        shapes, _, slots = self._buffers(sizes, algorithms, chunk)
+        total = sum(int(np.prod(shapes[first])) for first in _firsts(slots))
         scratch = sum(sum(arena.values()) for arena in self._scratch(sizes, algorithms, steps))
         return (total + scratch) * dtype.itemsize
+
+    def _buffers(
+        self, sizes: list[tuple[int, int]], algorithms: list[str], chunk: int
+    ) -> tuple[list[tuple[int, int, int, int]], list[int], list[int]]:
+        """``(shapes, origins, slots)`` of every layer's input buffer, then the output's.
+
+        Buffers of the same geometry (image size, border, room for tiles,
+        channels, layout) alternate between two arrays: layer ``i`` reads one
+        and writes the other, so a stage of identical layers needs two buffers,
+        not one per layer. Everything outside an image stays zero whoever
+        writes it (im2col writes only the image; Winograd zeroes again what its
+        whole tiles write beyond it), so sharing keeps the zero borders.
+        ``slots[i]`` is the array buffer ``i`` uses, named by the first buffer
+        using it.
+        """
+        nchw_input = reads_nchw(self._layers[0], algorithms[0])
+        shapes: list[tuple[int, int, int, int]] = []
+        origins: list[int] = []
+        slots: list[int] = []
+        free: dict[tuple[Any, ...], list[int]] = {}
+        for i in range(len(self._layers) + 1):
+            rows, cols, origin = self._buffer_shape(i, sizes, algorithms)
+            shape = (chunk, rows, cols, self._channels(i))
+            if i == 0 and nchw_input:
+                shape = (chunk, self._channels(i), rows, cols)
+            shapes.append(shape)
+            origins.append(origin)
+            key = (shape, origin, sizes[i], i == 0 and nchw_input)
+            candidates = [slot for slot in free.get(key, []) if not slots or slot != slots[-1]]
+            if candidates:
+                slots.append(candidates[0])
+            else:
+                free.setdefault(key, []).append(i)
+                slots.append(i)
+        return shapes, origins, slots
 
     def _channels(self, index: int) -> int:
         """Channels of buffer ``index`` (the input of that layer, or the output)."""
@@ -610,22 +780,17 @@ class DeployStack:
     def _make_plan(self, height: int, width: int, dtype: np.dtype[Any], chunk: int) -> _Plan:
         sizes, algorithms = self._geometry(height, width)
         steps = self._steps(sizes, algorithms, chunk, dtype.itemsize)
-        shapes, origins = [], []
-        for i in range(len(self._layers) + 1):
-            rows, cols, origin = self._buffer_shape(i, sizes, algorithms)
-            shapes.append((chunk, rows, cols, self._channels(i)))
-            origins.append(origin)
+        shapes, origins, slots = self._buffers(sizes, algorithms, chunk)
         nchw_input = reads_nchw(self._layers[0], algorithms[0])
-        if nchw_input:
-            chunk_, rows, cols, channels = shapes[0]
-            shapes[0] = (chunk_, channels, rows, cols)
         scratch = self._scratch(sizes, algorithms, steps)
         # one allocation for everything (one region NumPy asks the kernel to back with huge
         # pages; fixed, cache-friendly offsets instead of wherever the allocator puts them)
-        sizes_all = [int(np.prod(shape)) for shape in shapes]
+        firsts = _firsts(slots)
+        sizes_all = [int(np.prod(shapes[first])) for first in firsts]
         sizes_all += [size for needs in scratch for size in needs.values()]
         pool = Pool(sizes_all, dtype)
-        buffers = [pool.take(shape, zero=True) for shape in shapes]
+        arrays = {first: pool.take(shapes[first], zero=True) for first in firsts}
+        buffers = [arrays[slot] for slot in slots]
         arenas = []
         for needs in scratch:
             arena = Arena(dtype)
@@ -634,29 +799,51 @@ class DeployStack:
             arenas.append(arena)
         return _Plan(chunk, dtype, sizes, algorithms, steps, nchw_input, buffers, origins, arenas)
 
-    def _tasks(self, plan: _Plan, index: int, start: int, stop: int) -> list[Callable[[], None]]:
+    def _tasks(
+        self, plan: _Plan, index: int, start: int, stop: int
+    ) -> list[list[Callable[[], None]]]:
         """Return the prepared calls computing layer ``index`` for images ``start:stop``.
+
+        Phases of tasks: the tasks of a phase run side by side on the workers,
+        and each phase finishes before the next starts.
 
         Every view (strided windows, scratch, output regions) is made once per
         plan and kept, so a forward pass is only NumPy calls on ready views.
         """
         key = (index, start, stop)
-        tasks = plan.tasks.get(key)
-        if tasks is not None:
-            return tasks
+        phases = plan.tasks.get(key)
+        if phases is not None:
+            return phases
         layer, algorithm = self._layers[index], plan.algorithms[index]
         source = plan.buffers[index][start:stop]
         target = plan.buffers[index + 1][start:stop]
         origin = plan.origins[index + 1]
         oh, ow = plan.sizes[index + 1]
         interior = target[:, origin : origin + oh, origin : origin + ow]
-        if index == 0 and plan.nchw_input:
-            weights = self._layer_weights(0, "im2col_nchw", plan.dtype)
-            tasks = [im2col_nchw_task(source, weights, layer, interior, plan.arenas[0])]
-        elif algorithm == "im2col":  # large products: BLAS threads them
-            weights = self._layer_weights(index, "im2col", plan.dtype)
-            tasks = [im2col_task(source, weights, layer, interior, plan.arenas[0], self._workers)]
-        else:  # Winograd's products are small: the workers take a band of rows each
+        form = self._form(index, plan.sizes, plan.algorithms)
+        if algorithm == "im2col":
+            weights = self._layer_weights(index, form, plan.dtype)
+            bias = layer.bias.astype(plan.dtype) if form == "im2col_kernel" else None
+        if algorithm == "im2col" and self._by_channels(index, (oh, ow), stop - start):
+            gathers, products = im2col_split_tasks(
+                source, weights, layer, interior, plan.arenas[0], self._workers.threads, bias
+            )
+            phases = [gathers, products]
+        elif form == "im2col_nchw":
+            phases = [
+                [
+                    im2col_nchw_task(source, weights, layer, interior, band, plan.arenas[k])
+                    for k, band in enumerate(self._bands(oh, 1))
+                ]
+            ]
+        elif algorithm == "im2col":  # the workers take a band of output rows each
+            phases = [
+                [
+                    im2col_task(source, weights, layer, interior, band, plan.arenas[k], bias)
+                    for k, band in enumerate(self._bands(oh, 1))
+                ]
+            ]
+        else:  # Winograd: a band of whole tiles each
             tile = tile_side(algorithm)
             weights = self._layer_weights(index, algorithm, plan.dtype)
             bias = layer.bias.astype(plan.dtype)
@@ -666,8 +853,9 @@ class DeployStack:
                 )
                 for k, (top, bottom) in enumerate(self._bands(oh, tile))
             ]
-        plan.tasks[key] = tasks
-        return tasks
+            phases = [tasks]
+        plan.tasks[key] = phases
+        return phases
 
     def _run_chunk(
         self, plan: _Plan, x: FloatArray, seconds: list[float] | None = None
@@ -683,11 +871,17 @@ class DeployStack:
             started = time.perf_counter()
             step = plan.steps[i]
             for start in range(0, n, step):  # large layers a few images at a time
-                self._workers.run(self._tasks(plan, i, start, min(n, start + step)))
+                for phase in self._tasks(plan, i, start, min(n, start + step)):
+                    self._workers.run(phase)
             if seconds is not None:
                 seconds[i] += time.perf_counter() - started
         out_h, out_w = plan.sizes[-1]
         return plan.buffers[-1][:n, :out_h, :out_w]
+
+
+def _firsts(slots: list[int]) -> list[int]:
+    """Return the distinct arrays of :meth:`DeployStack._buffers`' slots, in order."""
+    return sorted(set(slots))
 
 
 def scratch_sizes(

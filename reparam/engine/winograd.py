@@ -13,7 +13,14 @@ from ..core.errors import ReparamError
 from .layers import Layer
 from .memory import Arena
 
-__all__ = ["tile_side", "transforms", "winograd_matrices", "winograd_task", "winograd_weights"]
+__all__ = [
+    "tile_side",
+    "transforms",
+    "winograd_matrices",
+    "winograd_shape",
+    "winograd_task",
+    "winograd_weights",
+]
 
 
 def winograd_matrices(tile: int) -> tuple[FloatArray, FloatArray, FloatArray]:
@@ -86,17 +93,27 @@ def winograd_matrices(tile: int) -> tuple[FloatArray, FloatArray, FloatArray]:
     raise ReparamError(f"winograd_matrices: unsupported tile; got {tile!r}, expected 2 or 4")
 
 
-def winograd_weights(layer: Layer, dtype: np.dtype[Any], *, tile: int) -> FloatArray:
-    """Transform the kernels, ``U = G k G^T``, laid out ``(t * t, I, O)``, in float64."""
+def winograd_shape(layer: Layer, *, tile: int) -> tuple[int, ...]:
+    """Shape of :func:`winograd_weights`: ``(t * t, I, O)``, ``t = tile + 2``."""
+    return ((tile + 2) ** 2, layer.in_channels, layer.out_channels)
+
+
+def winograd_weights(layer: Layer, out: FloatArray, *, tile: int) -> None:
+    """Fill ``out`` with the transformed kernels ``U = G k G^T``, ``(t * t, I, O)``, in float64.
+
+    Computed in float64 and rounded once to ``out``'s dtype; the float64
+    intermediates are one layer's, freed before the next layer's.
+    """
     _, g, _ = winograd_matrices(tile)
     side = tile + 2
     kernel = layer.kernel.astype(np.float64)  # (O, I, 3, 3)
     # two large products (not millions of 3x3 ones): contract the rows, then the columns
     rows = np.tensordot(g, kernel, axes=(1, 2))  # (t, O, I, 3)
+    del kernel
     transformed = np.tensordot(rows, g, axes=(3, 1))  # (t, O, I, t)
-    matrix = np.empty((side, side, layer.in_channels, layer.out_channels), dtype=dtype)
+    del rows
+    matrix = out.reshape(side, side, layer.in_channels, layer.out_channels)
     np.copyto(matrix, transformed.transpose(0, 3, 2, 1), casting="unsafe")
-    return matrix.reshape(side * side, layer.in_channels, layer.out_channels)
 
 
 _TRANSFORMS: dict[tuple[int, np.dtype[Any]], tuple[FloatArray, FloatArray]] = {}

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from typing import Any
 
 import numpy as np
 
 from ..core.checks import FloatArray
 
-__all__ = ["PARALLEL_ELEMENTS", "SERIAL", "Workers", "relu", "take"]
+__all__ = [
+    "PARALLEL_ELEMENTS",
+    "SERIAL",
+    "Workers",
+    "blas_controller",
+    "one_blas_thread",
+    "relu",
+    "take",
+]
 
 
 #: Copies smaller than this many elements are not worth splitting across threads.
@@ -80,3 +91,32 @@ def take(array: FloatArray, axis: int, start: int, stop: int) -> FloatArray:
 def relu(out: FloatArray, source: FloatArray) -> None:
     """Write ``max(source, 0)`` into ``out``."""
     np.maximum(source, 0, out=out)
+
+
+_CONTROLLER: list[Any] = []  # threadpoolctl.ThreadpoolController, made on first use
+
+
+def blas_controller() -> Any:
+    """Return threadpoolctl's controller of the loaded BLAS libraries (None if not installed).
+
+    threadpoolctl is optional (reparam depends on NumPy only): without it the
+    stack cannot pin BLAS to one thread, so it leaves the parallelism to BLAS.
+    The controller is made once (it scans the loaded libraries) and reused.
+    """
+    if not _CONTROLLER:
+        try:
+            module = importlib.import_module("threadpoolctl")
+        except ImportError:
+            _CONTROLLER.append(None)
+        else:
+            _CONTROLLER.append(module.ThreadpoolController())
+    return _CONTROLLER[0]
+
+
+def one_blas_thread() -> contextlib.AbstractContextManager[Any]:
+    """BLAS pinned to one thread for the ``with`` block, restored afterwards (if controllable)."""
+    controller = blas_controller()
+    if controller is None:
+        return contextlib.nullcontext()
+    limiter: contextlib.AbstractContextManager[Any] = controller.limit(limits=1, user_api="blas")
+    return limiter
