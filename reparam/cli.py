@@ -8,6 +8,7 @@ Commands::
     reparam info WEIGHTS [--layout L]
     reparam export WEIGHTS MODEL.onnx [--layout L] [--arch NAME] [--opset N]
     reparam demo [--checkpoint PATH] [--data PATH]
+    reparam quant-report WEIGHTS --calibration X.npy [--per-channel] [--json FILE] [--png FILE]
 
 ``--layout`` says how the input's keys are read (detected by default);
 ``--to-layout`` names the keys ``convert`` writes (the input's by default).
@@ -35,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import __version__
+from .analysis import load_network, quant
 from .checkpoints.formats import (
     CHECKPOINT_SUFFIXES,
     check_destination,
@@ -402,6 +404,31 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quant_report(args: argparse.Namespace) -> int:
+    func = "quant-report"
+    for path, suffix in ((args.json, ".json"), (args.png, ".png")):
+        if path is not None:
+            check_destination(path, func=func, allowed=(suffix,), what=f"--{suffix[1:]}")
+    if args.png is not None:
+        quant.check_plotting(func=func)
+    with _file_errors(args.calibration, "read"):
+        calibration = read_array(args.calibration, func=func)
+    _progress(f"loading {args.weights} ...")
+    with _file_errors(args.weights, "read"):
+        network = load_network(args.weights, layout=args.layout, arch=args.arch)
+    name = f"--calibration {shown_path(args.calibration)}"
+    images = quant.check_images(calibration, network.model, func=func, name=name)
+    _progress(f"quantizing {len(network.model.blocks)} blocks on {len(images)} images ...")
+    found = quant.report(network, images, per_channel=args.per_channel)
+    _out(found.table())
+    for path, write in ((args.json, quant.write_json), (args.png, quant.plot_report)):
+        if path is not None:
+            with _file_errors(path, "write"):
+                write(found, path)
+            _out(f"wrote {path}")
+    return 0
+
+
 def _median_seconds(function: Callable[[], Any], repeats: int = 5) -> float:
     times = []
     for _ in range(repeats):
@@ -585,6 +612,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--checkpoint", help="train-form checkpoint (default: the bundled one)")
     demo.add_argument("--data", help="test set .npz with images and labels (default: bundled)")
     demo.set_defaults(handler=_demo)
+
+    report = commands.add_parser("quant-report", help="which fused layers INT8 breaks, and why")
+    report.add_argument("weights", help="RepVGG (train or deploy form) or QARepVGG checkpoint")
+    report.add_argument("--calibration", required=True, help="NCHW float images (.npy), >= 8")
+    report.add_argument("--per-channel", action="store_true", help="per-channel weight scales")
+    report.add_argument("--json", help="also write the report as JSON")
+    report.add_argument("--png", help="also draw the per-layer SQNRs (needs matplotlib)")
+    layout(report)
+    arch(report)
+    report.set_defaults(handler=_quant_report)
     return parser
 
 
