@@ -79,8 +79,11 @@ CASES = {"RepVGG-A0": _a0, "digits": _digits_case}
 SELF_CALIBRATED_RATIO = {False: 10.0, True: 4.0}
 
 
-@pytest.fixture(scope="module", params=[(m, pc) for m in CASES for pc in (False, True)],
-                ids=lambda p: f"{p[0]}-{'per-channel' if p[1] else 'per-tensor'}")  # fmt: skip
+@pytest.fixture(
+    scope="module",
+    params=[(m, pc) for m in CASES for pc in (False, True)],
+    ids=lambda p: f"{p[0]}-{'per-channel' if p[1] else 'per-tensor'}",
+)
 def quantized(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
@@ -92,11 +95,15 @@ def quantized(
     export_onnx(model, fp32)
     logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process, on the root logger
     quantization.quantize_static(
-        str(fp32), str(int8), _Reader(calibration),
-        quant_format=quantization.QuantFormat.QDQ, per_channel=per_channel,
-        activation_type=quantization.QuantType.QInt8, weight_type=quantization.QuantType.QInt8,
+        str(fp32),
+        str(int8),
+        _Reader(calibration),
+        quant_format=quantization.QuantFormat.QDQ,
+        per_channel=per_channel,
+        activation_type=quantization.QuantType.QInt8,
+        weight_type=quantization.QuantType.QInt8,
         calibrate_method=quantization.CalibrationMethod.MinMax,
-    )  # fmt: skip
+    )
     session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
     return {
         "model": model,
@@ -130,11 +137,14 @@ def test_uint8_activations_are_simulated_too(tmp_path: Path) -> None:
     export_onnx(model, tmp_path / "model.onnx")
     logging.getLogger().setLevel(logging.ERROR)
     quantization.quantize_static(
-        str(tmp_path / "model.onnx"), str(tmp_path / "model.uint8.onnx"), _Reader(calibration),
-        quant_format=quantization.QuantFormat.QDQ, activation_type=quantization.QuantType.QUInt8,
+        str(tmp_path / "model.onnx"),
+        str(tmp_path / "model.uint8.onnx"),
+        _Reader(calibration),
+        quant_format=quantization.QuantFormat.QDQ,
+        activation_type=quantization.QuantType.QUInt8,
         weight_type=quantization.QuantType.QInt8,
         calibrate_method=quantization.CalibrationMethod.MinMax,
-    )  # fmt: skip
+    )
     path = str(tmp_path / "model.uint8.onnx")
     runtime = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x})
     qparams = qparams_from_onnx(path)
@@ -249,18 +259,21 @@ def test_sqnr_by_hand() -> None:
 
 
 def _bn(channels: int, gamma: float = 1.0) -> BatchNorm:
-    return BatchNorm(np.full(channels, gamma), np.zeros(channels), np.zeros(channels),
-                     np.ones(channels), eps=0.0)  # fmt: skip
+    return BatchNorm(
+        np.full(channels, gamma), np.zeros(channels), np.zeros(channels), np.ones(channels), eps=0.0
+    )
 
 
 def test_the_identity_owns_the_range_when_its_scale_dominates() -> None:
     rng = np.random.default_rng(0)
     c = 4
     block = TrainBlock(
-        0.01 * rng.standard_normal((c, c, 3, 3)), _bn(c),
-        0.01 * rng.standard_normal((c, c, 1, 1)), _bn(c),
+        0.01 * rng.standard_normal((c, c, 3, 3)),
+        _bn(c),
+        0.01 * rng.standard_normal((c, c, 1, 1)),
+        _bn(c),
         BatchNorm(np.array([1.0, 1.0, 8.0, 1.0]), np.zeros(c), np.zeros(c), np.ones(c), eps=0.0),
-    )  # fmt: skip
+    )
     model = RepVGG((("stage0", block),), Head(np.ones((2, c)), np.zeros(2)))
     stats = weight_stats(model)[0]
     assert stats.branches == ("3x3", "1x1", "identity"), stats.branches
@@ -328,8 +341,13 @@ def test_report_on_the_bundled_digits_models() -> None:
         data = json.loads(json.dumps(found.to_json()))
         assert set(data) >= {"layers", "logits_sqnr_db", "top1_agreement"}
         for entry in data["layers"]:
-            assert {"name", "weight_sqnr_per_tensor_db", "weight_sqnr_per_channel_db",
-                    "sensitivity_db", "verdict"} <= set(entry)  # fmt: skip
+            assert {
+                "name",
+                "weight_sqnr_per_tensor_db",
+                "weight_sqnr_per_channel_db",
+                "sensitivity_db",
+                "verdict",
+            } <= set(entry)
         int8 = simulate(network, images[:48], calibration=images[:48])
         assert data["logits_sqnr_db"] == pytest.approx(
             sqnr_db(network.model(images[:48]), int8), abs=0.01
@@ -344,8 +362,11 @@ def test_any_repvgg_checkpoint_reparam_reads(tmp_path: Path, layout: str) -> Non
     reparam.save(model, train, layout=layout)
     reparam.save(model.reparameterize(), deploy, layout=layout)
     x = np.random.default_rng(6).standard_normal((8, 3, 8, 8)).astype(np.float32)
-    expected = ["stage0", "stage1.0", "stage1.1"] if layout == "official" else [
-        "stem", "stages.0.0", "stages.0.1"]  # fmt: skip
+    expected = (
+        ["stage0", "stage1.0", "stage1.1"]
+        if layout == "official"
+        else ["stem", "stages.0.0", "stages.0.1"]
+    )
     from_train, from_deploy = load_network(train), load_network(deploy)
     assert sorted(from_train.trees) == ["stage0", "stage1.0", "stage1.1"]
     assert from_deploy.trees == {}, "a deploy checkpoint has no train form"
@@ -366,8 +387,9 @@ def test_verdicts_say_which_part_is_to_blame() -> None:
     kernel[0] *= 200.0  # one channel's range dwarfs the others': per-tensor steps waste them
     bias = np.zeros(8)
     bias[0] = -1e4  # ... but its ReLU output is 0, so the activation range is not at fault
-    model = RepVGG((("stage0", DeployBlock(kernel, bias)),),
-                   Head(rng.standard_normal((3, 8)), np.zeros(3)))  # fmt: skip
+    model = RepVGG(
+        (("stage0", DeployBlock(kernel, bias)),), Head(rng.standard_normal((3, 8)), np.zeros(3))
+    )
     x = rng.standard_normal((16, 3, 8, 8)).astype(np.float32)
     layer = next(layer for layer in report(model, x).layers if layer.name == "stage0")
     assert layer.weight_only_db < FINE_DB <= layer.weight_only_per_channel_db, layer
@@ -439,8 +461,13 @@ def test_an_unquantizable_layer_is_named() -> None:
 
 
 def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "reparam", *map(str, args)],
-                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "reparam", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_quant_report_command(tmp_path: Path) -> None:
@@ -448,8 +475,17 @@ def test_quant_report_command(tmp_path: Path) -> None:
     calibration = tmp_path / "calibration.npy"
     np.save(calibration, images[:32])
     out_json, out_png = tmp_path / "report.json", tmp_path / "report.png"
-    result = _cli("quant-report", _bundled("digits_qarepvgg.npz"), "--calibration", calibration,
-                  "--per-channel", "--json", out_json, "--png", out_png)  # fmt: skip
+    result = _cli(
+        "quant-report",
+        _bundled("digits_qarepvgg.npz"),
+        "--calibration",
+        calibration,
+        "--per-channel",
+        "--json",
+        out_json,
+        "--png",
+        out_png,
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(out_json.read_text())
     assert data["per_channel"] is True and data["family"] == "QARepVGG"
@@ -484,8 +520,16 @@ def test_quant_report_png_without_matplotlib(
     np.save(calibration, images[:8])
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    code = main(["quant-report", str(_bundled("digits_repvgg.npz")), "--calibration",
-                 str(calibration), "--png", str(tmp_path / "r.png")])  # fmt: skip
+    code = main(
+        [
+            "quant-report",
+            str(_bundled("digits_repvgg.npz")),
+            "--calibration",
+            str(calibration),
+            "--png",
+            str(tmp_path / "r.png"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "matplotlib" in err[0], err  # before any work
     assert not (tmp_path / "r.png").exists()

@@ -186,7 +186,7 @@ def _quantize_bias(
     bias: FloatArray, input_scale: float, weight_scale: npt.NDArray[np.float32], *, name: str
 ) -> npt.NDArray[np.int32]:
     step = (_F32(input_scale) * weight_scale).astype(np.float32)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         ratio = np.round(bias.astype(np.float32) / step)
     outside = np.flatnonzero(~((ratio >= _INT32[0]) & (ratio <= _INT32[1])))
     if outside.size:
@@ -344,7 +344,7 @@ def _ranges(layers: _Layers, images: npt.NDArray[np.float32], *, func: str) -> l
     return ranges
 
 
-def _build(layers: _Layers, ranges: list[list[float]], *, per_channel: bool) -> QParams:
+def _build(layers: _Layers, ranges: list[list[float]], *, per_channel: bool, func: str) -> QParams:
     acts = [_activation_quant(low, high) for low, high in ranges]
     built = []
     for index, (name, block) in enumerate(zip(layers.names, layers.blocks, strict=True)):
@@ -354,7 +354,7 @@ def _build(layers: _Layers, ranges: list[list[float]], *, per_channel: bool) -> 
                 name,
                 _quantize_weight(block.kernel, scale),
                 scale,
-                _quantize_bias(block.bias, acts[index].scale, scale, name=name),
+                _quantize_bias(block.bias, acts[index].scale, scale, name=f"{func}: {name}"),
                 acts[index],
                 acts[index + 1],
             )
@@ -365,7 +365,7 @@ def _build(layers: _Layers, ranges: list[list[float]], *, per_channel: bool) -> 
         "head",
         _quantize_weight(layers.head_weight, scale),
         scale,
-        _quantize_bias(layers.head_bias, pool.scale, scale, name="head"),
+        _quantize_bias(layers.head_bias, pool.scale, scale, name=f"{func}: the head"),
         pool,
         acts[-1],
     )
@@ -411,7 +411,7 @@ def calibrate(
     images = check_images(
         calibration, network.model, func=func, name="calibration", minimum=MIN_CALIBRATION_SAMPLES
     )
-    return _build(layers, _ranges(layers, images, func=func), per_channel=per_channel)
+    return _build(layers, _ranges(layers, images, func=func), per_channel=per_channel, func=func)
 
 
 # --------------------------------------------------------------------------- integer arithmetic
@@ -457,9 +457,11 @@ def _integer_logits(
         if quant.input != current:  # a requantization the graph would hold
             q = _quantize(_dequantize(q, current), quant.input)
         accumulator = _conv(
-            block, q - quant.input.zero_point, quant.weight.astype(np.float64),
+            block,
+            q - quant.input.zero_point,
+            quant.weight.astype(np.float64),
             quant.bias.astype(np.float64),
-        )  # fmt: skip
+        )
         _check_accumulator(accumulator, quant.name, func=func)
         multiplier = (_F32(quant.input.scale) * quant.weight_scale) / _F32(quant.output.scale)
         q = _requantize(accumulator, _per_row(multiplier.astype(np.float32), 3), quant.output)
@@ -475,8 +477,9 @@ def _integer_logits(
     accumulator = (q - head.input.zero_point) @ head.weight.T.astype(np.float64) + head.bias
     _check_accumulator(accumulator, "head", func=func)
     multiplier = (_F32(head.input.scale) * head.weight_scale) / _F32(head.output.scale)
-    return _dequantize(_requantize(accumulator, multiplier.astype(np.float32), head.output),
-                       head.output)  # fmt: skip
+    return _dequantize(
+        _requantize(accumulator, multiplier.astype(np.float32), head.output), head.output
+    )
 
 
 def _check_qparams(layers: _Layers, qparams: Any, *, func: str) -> QParams:
@@ -835,8 +838,12 @@ def _as_fused(
     out_per, in_per = out_channels // groups, kernel.shape[1]
     for g in range(groups):
         rows = slice(g * out_per, (g + 1) * out_per)
-        dense[rows, g * in_per : (g + 1) * in_per, row : row + kernel.shape[2],
-              col : col + kernel.shape[3]] = kernel[rows]  # fmt: skip
+        dense[
+            rows,
+            g * in_per : (g + 1) * in_per,
+            row : row + kernel.shape[2],
+            col : col + kernel.shape[3],
+        ] = kernel[rows]
     fused_out = out_channels // block.groups
     parts = [
         dense[g * fused_out : (g + 1) * fused_out, g * per_group : (g + 1) * per_group]
@@ -856,8 +863,9 @@ def _attribution(tree: Node, block: DeployBlock) -> tuple[tuple[str, ...], Float
         placed = _as_fused(folded.kernel, folded.pads, folded.groups, block)
         if placed is None:
             return (), np.zeros((block.kernel.shape[0], 0))
-        label = _branch_label(branch.steps[0] if isinstance(branch, Sequential) else branch,
-                              folded.kernel)  # fmt: skip
+        label = _branch_label(
+            branch.steps[0] if isinstance(branch, Sequential) else branch, folded.kernel
+        )
         while label in labels:
             label += "'"
         labels.append(label)
@@ -941,11 +949,14 @@ def weight_stats(model: RepVGG | Network) -> tuple[WeightStats, ...]:
     layers = _layers(network.model, func="weight_stats")
     found = [
         _stats(
-            _checkpoint_name(name, network.model.layout), block.kernel,
-            network.trees.get(name), block, position,
+            _checkpoint_name(name, network.model.layout),
+            block.kernel,
+            network.trees.get(name),
+            block,
+            position,
         )
         for position, (name, block) in enumerate(zip(layers.names, layers.blocks, strict=True))
-    ]  # fmt: skip
+    ]
     found.append(_stats("head", layers.head_weight, None, None, len(found)))
     return tuple(found)
 
@@ -1142,9 +1153,13 @@ class QuantReport(NamedTuple):
 
 
 def _verdict(
-    sensitivity: float, weights: float, per_channel_weights: float, activations: float, *,
+    sensitivity: float,
+    weights: float,
+    per_channel_weights: float,
+    activations: float,
+    *,
     per_channel: bool,
-) -> str:  # fmt: skip
+) -> str:
     if sensitivity >= FINE_DB:
         return "fine"
     chosen = per_channel_weights if per_channel else weights
@@ -1213,8 +1228,8 @@ def report(
         calibration, network.model, func=func, name="calibration", minimum=MIN_CALIBRATION_SAMPLES
     )
     ranges = _ranges(layers, images, func=func)
-    per_tensor_q = _build(layers, ranges, per_channel=False)
-    per_channel_q = _build(layers, ranges, per_channel=True)
+    per_tensor_q = _build(layers, ranges, per_channel=False, func=func)
+    per_channel_q = _build(layers, ranges, per_channel=True, func=func)
     chosen = per_channel_q if per_channel else per_tensor_q
     count = len(layers.blocks) + 1
     variants = (  # (parameters, weights, activations)
