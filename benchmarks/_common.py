@@ -66,23 +66,25 @@ def limit_blas(threads: int) -> Any:
     return threadpool_limits(limits=threads, user_api="blas")
 
 
-def cpu_model() -> str:
+def _version(package: str) -> str:
+    """An installed package's version, read without importing it (n/a if not installed)."""
+    from importlib import metadata
+
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "n/a (not installed)"
 
 
 def machine_lines(threads: int) -> list[str]:
-    """Markdown bullet lines describing the machine and libraries."""
-    torch = torch_or_none(threads)
+    """Markdown bullet lines describing the machine and libraries (none of them imported)."""
+    from _contenders import cpu_name
+
     lines = [
-        f"- CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; {threads} threads used",
+        f"- CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; {threads} threads used",
         f"- Python {platform.python_version()}, NumPy {np.__version__}, "
-        f"PyTorch {torch.__version__ if torch is not None else 'n/a (not installed)'}",
+        f"PyTorch {_version('torch')}, onnxruntime {_version('onnxruntime')}, "
+        f"threadpoolctl {_version('threadpoolctl')}",
     ]
     for info in blas_info():
         if info.get("user_api") == "blas":

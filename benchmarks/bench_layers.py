@@ -3,7 +3,9 @@
 For every distinct deploy layer shape of RepVGG-A0 at 224x224 (batch 1 and 8)
 this times each fast-path algorithm on that one layer (bias and ReLU included,
 NHWC in and out, as inside the stack), PyTorch's ``conv2d`` + ReLU (best of NCHW
-and channels_last, no_grad), and NumPy's own ``matmul`` on the layer's im2col
+and channels_last, no_grad) and onnxruntime's Conv + Relu (a one-layer graph,
+2 intra-op threads, all optimizations), each library in its own process (mixing
+libraries in one process distorts timings), and NumPy's own ``matmul`` on the layer's im2col
 GEMM shape (M = N*H_out*W_out, K = 9*C_in/groups, N = C_out). GFLOP/s count a
 direct convolution's 2 * multiply-adds, whatever the algorithm does. The
 float32 error of each algorithm is the largest |fast - reference| over the
@@ -14,7 +16,13 @@ largest |reference| (reference: reparam.conv2d in float64), at batch 1.
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 from _common import (
@@ -29,6 +37,7 @@ from _common import (
     torch_or_none,
     write_result,
 )
+from _contenders import available
 
 from reparam import conv2d
 from reparam.engine import ALGORITHMS, DeployStack
@@ -36,9 +45,98 @@ from reparam.engine import ALGORITHMS, DeployStack
 LABELS = {"im2col": "im2col", "winograd2": "F(2,3)", "winograd4": "F(4,3)"}
 
 
+def library_child(library: str, specs: list, repeats: int, threads: int, seed: int) -> dict:
+    """In a child process: median ms of conv + ReLU per (layer, batch) in ``library``."""
+    rng = np.random.default_rng(seed)
+    results = {}
+    if library == "torch":
+        torch = torch_or_none(threads)
+    else:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    for c_in, c_out, stride, groups, h, batch in specs:
+        kernel = (rng.standard_normal((c_out, c_in // groups, 3, 3)) * 0.1).astype(np.float32)
+        bias = (0.1 * rng.standard_normal(c_out)).astype(np.float32)
+        x = rng.standard_normal((batch, c_in, h, h)).astype(np.float32)
+        key = f"{c_in},{c_out},{stride},{groups},{h},{batch}"
+        if library == "torch":
+            tk, tb = torch.from_numpy(kernel), torch.from_numpy(bias)
+
+            def fn(t, tk=tk, tb=tb, stride=stride, groups=groups):
+                conv = torch.nn.functional.conv2d(
+                    t, tk, tb, stride=stride, padding=1, groups=groups
+                )
+                return torch.relu_(conv)
+
+            times, layout = torch_best_time(torch, fn, x, repeats)
+            results[key] = [stats(times)[0], layout]
+            continue
+        graph = helper.make_graph(
+            [
+                helper.make_node(
+                    "Conv",
+                    ["x", "w", "b"],
+                    ["c"],
+                    pads=[1, 1, 1, 1],
+                    strides=[stride] * 2,
+                    group=groups,
+                    kernel_shape=[3, 3],
+                ),
+                helper.make_node("Relu", ["c"], ["y"]),
+            ],
+            "layer",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            initializer=[numpy_helper.from_array(kernel, "w"), numpy_helper.from_array(bias, "b")],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(
+            onnx.shape_inference.infer_shapes(model).SerializeToString(),
+            options,
+            providers=["CPUExecutionProvider"],
+        )
+        times = measure(lambda s=session, x=x: s.run(None, {"x": x}), repeats)
+        results[key] = [stats(times)[0], "NCHW"]
+    return results
+
+
+def library_times(library: str, specs: list, args) -> dict:
+    """Run :func:`library_child` in a fresh process (n/a when the library is missing)."""
+    if not available(library):
+        return {}
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        library,
+        "--specs",
+        json.dumps(specs),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        print(done.stderr[-2000:], file=sys.stderr)
+        return {}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
-    torch = torch_or_none(args.threads)
+    args = parse_args(__doc__.splitlines()[0], _extra)
+    if args.child:
+        specs = [tuple(spec) for spec in json.loads(args.specs)]
+        print(json.dumps(library_child(args.child, specs, args.repeats, args.threads, args.seed)))
+        return
     size = 32 if args.quick else 224
     widths = (8, 8, 16, 24, 32) if args.quick else None
     layers = a0_deploy_layers(seed=args.seed, **({"widths": widths} if widths else {}))
@@ -55,6 +153,10 @@ def main() -> None:
         first.setdefault(key, (kernel, bias, stride, groups))
         height = (height - 1) // stride + 1
 
+    specs = []
+    for c_in, c_out, stride, groups, h in shapes:
+        specs += [(c_in, c_out, stride, groups, h, batch) for batch in batches]
+    others = {library: library_times(library, specs, args) for library in ("torch", "ort")}
     rows = []
     with limit_blas(args.threads):
         for key, count in shapes.items():
@@ -95,20 +197,9 @@ def main() -> None:
                 out = np.empty((groups, m, n), np.float32)
                 mm = measure(lambda a=a, b=b, out=out: np.matmul(a, b, out=out), args.repeats)
                 mm_gflops = flops / statistics.median(mm) / 1e9
-                if torch is not None:
-                    tk = torch.tensor(np.asarray(kernel))
-                    tb = torch.tensor(np.asarray(bias))
-
-                    def fn(t, tk=tk, tb=tb, stride=stride, groups=groups):
-                        conv = torch.nn.functional.conv2d(
-                            t, tk, tb, stride=stride, padding=1, groups=groups
-                        )
-                        return torch.relu_(conv)
-
-                    torch_times, layout = torch_best_time(torch, fn, x, args.repeats)
-                    torch_ms = stats(torch_times)[0]
-                else:
-                    torch_ms, layout = None, "n/a"
+                spec = f"{c_in},{c_out},{stride},{groups},{h},{batch}"
+                torch_ms, layout = others["torch"].get(spec, (None, "n/a"))
+                ort_ms = others["ort"].get(spec, (None, ""))[0]
                 medians = {name: stats(t)[0] for name, t in times.items()}
                 best_name = min(medians, key=medians.get)
                 chosen_ms = medians[chosen]
@@ -127,6 +218,8 @@ def main() -> None:
                         fmt(flops / torch_ms / 1e6 if torch_ms else None, 0),
                         layout,
                         fmt(chosen_ms / torch_ms if torch_ms else None, 2),
+                        fmt(ort_ms, 2),
+                        fmt(chosen_ms / ort_ms if ort_ms else None, 2),
                         " / ".join(f"{errors[a]:.1e}" for a in possible),
                     ]
                 )
@@ -144,6 +237,8 @@ def main() -> None:
         "torch GFLOP/s",
         "torch layout",
         "fast / torch",
+        "onnxruntime ms",
+        "fast / onnxruntime",
         "float32 rel. error (im2col / F2 / F4)",
     ]
     # whole-stack sums (each layer shape times its count)
@@ -156,9 +251,15 @@ def main() -> None:
             if r[2] == str(batch)
         )
         tt = [float(r[1]) * float(r[9]) for r in rows if r[2] == str(batch) and r[9] != "n/a"]
+        oo = [float(r[1]) * float(r[13]) for r in rows if r[2] == str(batch) and r[13] != "n/a"]
         totals.append(
             f"- batch {batch}: sum over A0's 22 layers, fast path {fast:.1f} ms"
             + (f", PyTorch {sum(tt):.1f} ms, ratio {fast / sum(tt):.2f}" if tt else ", PyTorch n/a")
+            + (
+                f", onnxruntime {sum(oo):.1f} ms, ratio {fast / sum(oo):.2f}"
+                if oo
+                else ", onnxruntime n/a"
+            )
         )
     note = (
         f"Medians of {args.repeats} runs (ms). GFLOP/s = 2 x direct multiply-adds / median "
@@ -175,6 +276,11 @@ def main() -> None:
         args.threads,
         write=not args.no_write,
     )
+
+
+def _extra(parser) -> None:
+    parser.add_argument("--child", choices=("torch", "ort"), help=argparse.SUPPRESS)
+    parser.add_argument("--specs", help=argparse.SUPPRESS)
 
 
 def _algo(label: str) -> str:

@@ -1,15 +1,19 @@
 """Peak memory of one forward pass per form, each in a fresh subprocess.
 
 Forms: NumPy train, NumPy deploy (reference conv2d), NumPy fast path, PyTorch
-deploy. Each (form, batch) runs in its own Python process, which builds the
-model, runs one warm-up forward on one small image, then measures one forward
-on the batch: the ``tracemalloc`` peak (every NumPy allocation; the fast path
-keeps its buffers in one anonymous memory mapping, which tracemalloc does not
-see, so their size is added; PyTorch's allocator is invisible to it) and the
-growth of ``ru_maxrss`` over the measured call (the process' resident
-high-water mark; covers PyTorch). The input batch exists before the measured
-call and is not counted; "extra" is the peak minus the output array. For the
-fast path it stops growing once a batch fills a chunk.
+deploy, onnxruntime on ``reparam export``'s graph. Each (form, batch) runs in
+its own Python process, which builds the model, runs one warm-up forward on one
+small image, then measures one forward on the batch: the ``tracemalloc`` peak
+(every NumPy allocation; the fast path keeps its buffers in one anonymous
+memory mapping, which tracemalloc does not see, so their size is added;
+PyTorch's allocator is invisible to it) and the growth of ``ru_maxrss`` over
+the measured call (the process' resident high-water mark; covers PyTorch). The
+input batch exists before the measured call and is not counted; "extra" is the
+peak minus the output array. For the fast path it stops growing once a batch
+fills a chunk.
+
+A second table: the peak RSS of a fresh process that loads RepVGG-B1's deploy
+checkpoint and runs it, per library (see ``_loaded_peaks``).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/bench_memory.py
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import inspect
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tracemalloc
@@ -26,14 +31,17 @@ from pathlib import Path
 
 import numpy as np
 from _common import fmt, parse_args, table, torch_or_none, write_result
+from _contenders import available, run_child
 
-FORMS = ("train", "deploy", "fast", "torch")
+FORMS = ("train", "deploy", "fast", "torch", "ort")
 LABELS = {
     "train": "NumPy train",
     "deploy": "NumPy deploy (conv2d)",
     "fast": "NumPy fast path",
     "torch": "PyTorch deploy",
+    "ort": "onnxruntime (reparam export)",
 }
+UNTRACED = ("torch", "ort")  # their allocators are invisible to tracemalloc
 
 
 def child(form: str, batch: int, size: int, quick: bool, seed: int, threads: int) -> None:
@@ -50,12 +58,19 @@ def child(form: str, batch: int, size: int, quick: bool, seed: int, threads: int
     from reparam.engine import DeployStack
 
     torch = torch_or_none(threads) if form == "torch" else None
-    if form == "torch" and torch is None:
+    if (form == "torch" and torch is None) or (form == "ort" and not available("ort")):
         print(json.dumps({"na": True}))
         return
     repvgg = repvgg_module()
     widths = (8, 8, 16, 24, 32) if quick else (48, 48, 96, 192, 1280)
-    if form in ("train", "deploy"):
+    if form == "ort":
+        from _contenders import TINY, _ort_forward
+
+        arch = "RepVGG-A0" if not quick else repvgg.Architecture(**TINY)
+        forward = _ort_forward(
+            repvgg.RepVGG.create(arch, num_classes=1000, seed=seed).reparameterize(), threads, None
+        )
+    elif form in ("train", "deploy"):
         if repvgg is None:
             print(json.dumps({"na": True}))
             return
@@ -162,8 +177,8 @@ def main() -> None:
             if r.get("na"):
                 rows.append([LABELS[form], str(batch), "n/a", "n/a", "n/a", "n/a"])
                 continue
-            traced = "n/a (not traced)" if form == "torch" else fmt(r["peak"] / mb)
-            extra = "n/a" if form == "torch" else fmt(r["extra"] / mb)
+            traced = "n/a (not traced)" if form in UNTRACED else fmt(r["peak"] / mb)
+            extra = "n/a" if form in UNTRACED else fmt(r["extra"] / mb)
             rows.append(
                 [
                     LABELS[form],
@@ -221,9 +236,85 @@ def main() -> None:
         "\nOne forward pass per fresh process, after a one-image warm-up; float32, "
         f"{'32x32 tiny model' if args.quick else '224x224 RepVGG-A0'}."
     )
+    lines += ["", *_loaded_peaks(args, batches)]
     write_result(
         "memory", "Peak memory per form", "\n".join(lines), args.threads, write=not args.no_write
     )
+
+
+def _loaded_peaks(args, batches) -> list[str]:
+    """Peak RSS of a fresh process that loads a deploy checkpoint and runs it, per library.
+
+    The parent writes RepVGG-B1's deploy form (the tiny model with --quick) as a
+    reparam ``.npz`` checkpoint and the ``reparam export`` ``.onnx`` graph; each
+    child loads its file as a user would (the fast path and PyTorch through
+    ``reparam.checkpoints.load``, PyTorch taking the arrays as its parameters
+    without a copy; onnxruntime the ``.onnx`` file), runs 2 forward passes and
+    reports ``ru_maxrss``: everything the process ever held at once, loading
+    included.
+    """
+    import tempfile
+
+    from _contenders import TINY
+
+    import reparam
+    from reparam.checkpoints import save
+
+    arch, size = ("tiny", 32) if args.quick else ("RepVGG-B1", 224)
+    batches = (1, 2) if args.quick else (1, 8)
+    mb = 2.0**20
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = str(Path(folder) / "deploy.npz")
+        name = reparam.Architecture(**TINY) if args.quick else arch
+        model = reparam.RepVGG.create(name, num_classes=1000, seed=args.seed).reparameterize()
+        save(model, checkpoint)
+        kernels = sum(block.kernel.nbytes for _, block in model.blocks) / mb
+        if available("ort"):
+            from reparam.export.onnx import export_onnx
+
+            export_onnx(model, Path(checkpoint).with_suffix(".onnx"))
+        del model
+        contenders = [c for c in ("fast", "torch", "ort") if available(c)]
+        peaks: dict[tuple[str, int], list[float]] = {}
+        for batch in batches:
+            for _ in range(1 if args.quick else args.rss_rounds):
+                for contender in contenders:
+                    record = run_child(
+                        contender,
+                        batch,
+                        arch=arch,
+                        size=size,
+                        repeats=2,
+                        threads=args.threads,
+                        seed=args.seed,
+                        checkpoint=checkpoint,
+                        layout="channels_last" if contender == "torch" else "NCHW",
+                    )
+                    if not record.get("na"):
+                        peaks.setdefault((contender, batch), []).append(record["ru_maxrss"] / mb)
+    rows = []
+    for batch in batches:
+        torch_peak = peaks.get(("torch", batch))
+        for contender in ("fast", "torch", "ort"):
+            values = peaks.get((contender, batch))
+            if not values:
+                rows.append([LABELS[contender], str(batch), "n/a", "n/a"])
+                continue
+            med = statistics.median(values)
+            ratio = fmt(med / statistics.median(torch_peak), 2) if torch_peak else "n/a"
+            rows.append([LABELS[contender], str(batch), fmt(med, 0), ratio])
+    title = "RepVGG-B1" if not args.quick else "tiny RepVGG"
+    return [
+        f"## Peak RSS of a process that loads {title}'s deploy checkpoint and runs it",
+        "",
+        table(["form", "batch", "peak RSS MiB (ru_maxrss)", "/ PyTorch"], rows),
+        "",
+        f"- {title}: {kernels:.0f} MiB of deploy kernels; {size}x{size} float32. Median over "
+        f"{1 if args.quick else args.rss_rounds} fresh processes per entry. The fast path "
+        "shares the loaded model's read-only kernels, prepares its Winograd layouts straight "
+        "into their one allocation, and reads the kernel in place where a layer has more "
+        "output channels than output pixels.",
+    ]
 
 
 def _extra(parser) -> None:
@@ -231,6 +322,7 @@ def _extra(parser) -> None:
         "--child", nargs=2, metavar=("FORM", "BATCH"), help=__import__("argparse").SUPPRESS
     )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--rss-rounds", type=int, default=3, help="processes per B1 entry")
 
 
 if __name__ == "__main__":

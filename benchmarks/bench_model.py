@@ -1,212 +1,192 @@
-"""Whole-model forward: NumPy train form vs NumPy deploy (reference conv2d) vs fast path vs PyTorch.
+"""Whole-model forward: the NumPy fast path vs PyTorch vs onnxruntime, each in its own process.
 
 RepVGG-A0 (``reparam.RepVGG.create("RepVGG-A0", seed=...)``, float32, 224x224),
-batch 1 and 8. The PyTorch model is a deploy RepVGG-A0 built in this script
-from the same deploy weights (conv3x3 + bias, ReLU, ..., global pool, linear),
-timed in NCHW and channels_last (the faster is reported), under no_grad.
-Ratios are of medians in this one run. Writes benchmarks/results/model.md and
-a chart benchmarks/results/model.png (when matplotlib is installed).
+batch 1 and 8, ``--threads`` threads for every library. Contenders (see
+``_contenders.py``): the fast path (``model(x)``), PyTorch (a deploy model
+built from the same weights, no_grad, NCHW and channels_last: the faster
+layout's times are reported), onnxruntime on ``reparam export``'s graph
+(intra-op threads, sequential, all graph optimizations). Each measurement is
+one fresh process timing ``--calls`` calls after a warm-up; ``--rounds``
+rounds run the contenders in turn (A, B, C, A, B, C, ...), so load on a
+shared machine hits all of them alike. Reported: the median over rounds of
+each process' median, the spread (min and max over rounds), and the ratios as
+the median of the per-round ratios. The NumPy train form and the reference
+deploy form (``model(x, fast=False)``) run in one process each, once.
+
+Writes benchmarks/results/model.md and a chart benchmarks/results/model.png
+(when matplotlib is installed).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/bench_model.py
 """
 
 from __future__ import annotations
 
-import inspect
 import statistics
 
-import numpy as np
-from _common import (
-    RESULTS,
-    a0_layer_specs,
-    fmt,
-    limit_blas,
-    measure,
-    parse_args,
-    random_deploy_layers,
-    repvgg_module,
-    stats,
-    table,
-    torch_best_time,
-    torch_deploy_model,
-    torch_or_none,
-    write_result,
-)
+from _common import RESULTS, fmt, parse_args, table, write_result
+from _contenders import available, medians, run_child
 
-from reparam.engine import DeployStack
-
-FORMS = (
-    "NumPy train",
-    "NumPy deploy (conv2d)",
-    "NumPy fast path",
-    "PyTorch deploy",
-    "NumPy fast path, tuned",
-)
-
-
-def build(args):
-    """(train forward or None, deploy forward, deploy layers, head, multiply-adds per image)."""
-    repvgg = repvgg_module()
-    size = 32 if args.quick else 224
-    if repvgg is not None and not args.quick:
-        train = repvgg.RepVGG.create("RepVGG-A0", num_classes=1000, seed=args.seed)
-        deploy = train.reparameterize()
-        layers = [(b.kernel, b.bias, b.stride, b.groups) for _, b in deploy.blocks]
-        head = (deploy.head.weight, deploy.head.bias)
-        return train, deploy, layers, head, size
-    if repvgg is not None:  # quick: a narrow custom architecture, same code paths
-        arch = repvgg.Architecture(widths=(8, 8, 16, 24, 32), depths=(1, 2, 2, 2, 1))
-        train = repvgg.RepVGG.create(arch, num_classes=10, seed=args.seed)
-        deploy = train.reparameterize()
-        layers = [(b.kernel, b.bias, b.stride, b.groups) for _, b in deploy.blocks]
-        return train, deploy, layers, (deploy.head.weight, deploy.head.bias), size
-    # reparam.RepVGG not available: deploy layers from the published config, no train form
-    widths = (8, 8, 16, 24, 32) if args.quick else (48, 48, 96, 192, 1280)
-    layers = random_deploy_layers(a0_layer_specs(widths), seed=args.seed)
-    rng = np.random.default_rng(args.seed)
-    head = (
-        (0.01 * rng.standard_normal((1000, widths[-1]))).astype(np.float32),
-        np.zeros(1000, np.float32),
-    )
-    return None, None, layers, head, size
+CONTENDERS = ("fast", "torch:NCHW", "torch:channels_last", "ort")
+LABELS = {
+    "train": "NumPy train",
+    "deploy": "NumPy deploy, reference conv2d",
+    "fast": "NumPy fast path",
+    "torch": "PyTorch deploy",
+    "ort": "onnxruntime (reparam export)",
+}
 
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], _extra)
-    torch = torch_or_none(args.threads)
-    train, deploy, layers, head, size = build(args)
-    macs = 0
-    h = size
-    for kernel, _, stride, _groups in layers:
-        h = (h - 1) // stride + 1
-        macs += h * h * kernel.size
-    macs += head[0].size
-    stack = DeployStack(layers, input_size=size)
-    weight, bias = head
-
-    def fast(x: np.ndarray) -> np.ndarray:
-        return stack(x, pool=True) @ weight.T + bias
-
+    arch, size = ("tiny", 32) if args.quick else ("RepVGG-A0", 224)
     batches = (1, 2) if args.quick else tuple(args.batches)
-    rng = np.random.default_rng(args.seed)
-    results: dict[tuple[str, int], list[float] | None] = {}
-    layouts: dict[int, str] = {}
-    errors: dict[int, float] = {}
-    tuned: dict[int, list[str]] = {}
-    with limit_blas(args.threads):
-        for batch in batches:
-            x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
-            reference_repeats = max(1, args.repeats if not args.slow_repeats else args.slow_repeats)
-            # the fast forms and PyTorch first: the NumPy reference forms allocate and free
-            # hundreds of MiB, after which fresh buffers land on recycled pages
-            results[(FORMS[2], batch)] = measure(lambda x=x: fast(x), args.repeats)
-            tuned_stack = DeployStack(layers, input_size=size)
-            tuned[batch] = tuned_stack.tune(x)
-            results[(FORMS[4], batch)] = measure(
-                lambda x=x, s=tuned_stack: s(x, pool=True) @ weight.T + bias, args.repeats
-            )
-            del tuned_stack
-            if torch is not None:
-                model = torch_deploy_model(torch, layers, head)
-                times, layouts[batch] = torch_best_time(torch, model, x, args.repeats, module=model)
-                results[(FORMS[3], batch)] = times
-                with torch.no_grad():
-                    expected = model(torch.from_numpy(x)).numpy()
-                errors[batch] = float(np.abs(fast(x) - expected).max() / np.abs(expected).max())
-            else:
-                results[(FORMS[3], batch)] = None
-            results[(FORMS[0], batch)] = (
-                measure(lambda x=x: train(x), reference_repeats) if train is not None else None
-            )
-            results[(FORMS[1], batch)] = (
-                measure(lambda x=x: reference(deploy, x), reference_repeats)
-                if deploy is not None
-                else None
-            )
-    rows = []
+    rounds = 1 if args.quick else args.rounds
+    calls = 2 if args.quick else args.calls
+    contenders = [c for c in CONTENDERS if available(c.partition(":")[0])]
+    common = {"arch": arch, "size": size, "threads": args.threads, "seed": args.seed}
+    per_round: dict[tuple[str, int], list[float]] = {}
+    profiles: dict[int, list[list]] = {}
     for batch in batches:
-        torch_med = _median(results[(FORMS[3], batch)])
-        deploy_med = _median(results[(FORMS[1], batch)])
-        for form in FORMS:
-            times = results[(form, batch)]
-            if times is None:
-                rows.append([form, str(batch)] + ["n/a"] * 7)
+        records: dict[str, list[dict]] = {c: [] for c in contenders}
+        for _ in range(rounds):
+            for contender in contenders:
+                name, _, layout = contender.partition(":")
+                record = run_child(
+                    name,
+                    batch,
+                    repeats=calls if batch == 1 else max(2, calls // 3),
+                    layout=layout or "NCHW",
+                    profile=name == "fast" and batch not in profiles,
+                    **common,
+                )
+                if record.get("profile"):
+                    profiles[batch] = record["profile"]
+                records[contender].append(record)
+        for contender in contenders:
+            per_round[(contender, batch)] = medians(records[contender])
+        for slow in ("train", "deploy"):
+            if args.skip_reference:
                 continue
-            med, lo, hi = stats(times)
-            rows.append(
-                [
-                    form + (f" ({layouts[batch]})" if form == FORMS[3] else ""),
-                    str(batch),
-                    fmt(med),
-                    fmt(lo),
-                    fmt(hi),
-                    fmt(1e3 * batch / med, 1),
-                    fmt(2 * macs * batch / med / 1e6, 0),
-                    fmt(med / torch_med if torch_med else None, 2),
-                    fmt(med / deploy_med if deploy_med else None, 2),
-                ]
+            per_round[(slow, batch)] = medians(
+                [run_child(slow, batch, repeats=1 if args.quick else 3, **common)]
             )
-    header = [
-        "form",
-        "batch",
-        "median ms",
-        "min ms",
-        "max ms",
-        "images/s",
-        "GFLOP/s",
-        "/ PyTorch",
-        "/ NumPy deploy",
-    ]
-    lines = [table(header, rows), ""]
-    for batch in batches:
-        t = _median(results[(FORMS[0], batch)])
-        d = _median(results[(FORMS[1], batch)])
-        f = _median(results[(FORMS[2], batch)])
-        p = _median(results[(FORMS[3], batch)])
+    rows, notes = _rows(per_round, batches, contenders)
+    lines = [table(_HEADER, rows), "", *notes]
+    for batch, profile in profiles.items():
+        by_algorithm: dict[str, float] = {}
+        for name, ms in profile:
+            by_algorithm[name] = by_algorithm.get(name, 0.0) + ms
         lines.append(
-            f"- batch {batch}: fast path / PyTorch = {fmt(f / p if p else None, 2)}; "
-            f"NumPy deploy / NumPy train = {fmt(d / t if d and t else None, 2)}; "
-            f"fast path / NumPy deploy = {fmt(f / d if d else None, 3)}; "
-            f"fast-path logits vs PyTorch: max rel. diff "
-            f"{errors[batch]:.1e}"
-            if batch in errors
-            else f"- batch {batch}: PyTorch n/a"
+            f"- fast-path profile, batch {batch} (median of 3 runs per layer): "
+            + ", ".join(f"{name} layers {ms:.1f} ms" for name, ms in by_algorithm.items())
+            + "; per layer: "
+            + ", ".join(f"{name} {ms:.2f}" for name, ms in profile)
         )
-    for batch in batches:
-        lines.append(f"- tuned algorithms, batch {batch}: {', '.join(tuned[batch])}")
-    profile = stack.profile(rng.standard_normal((batches[-1], 3, size, size)).astype(np.float32))
-    by_algo: dict[str, float] = {}
-    for name, seconds in profile:
-        by_algo[name] = by_algo.get(name, 0.0) + seconds
-    lines.append(
-        f"- fast-path profile (batch {batches[-1]}, one run): "
-        + ", ".join(f"{name} layers {1e3 * s:.1f} ms" for name, s in by_algo.items())
-        + f"; algorithms per layer: {', '.join(a for a, _ in profile)}"
-    )
     lines.append(
         f"\n{'RepVGG-A0' if not args.quick else 'tiny RepVGG'}, {size}x{size}, float32, "
-        f"{2 * macs / 1e9:.2f} GFLOP per image (deploy); medians / min / max of "
-        f"{args.repeats} runs ({reference_repeats} for the NumPy train and deploy forms)."
+        f"{args.threads} threads per library. Each contender runs in its own fresh process, "
+        f"{rounds} rounds interleaved (fast, PyTorch NCHW, PyTorch channels_last, onnxruntime, "
+        f"then again); per process the median of {calls} calls (batch 1) or "
+        f"{max(2, calls // 3)} (larger batches) after one warm-up call. `median ms` is the "
+        "median over rounds, `min`/`max` the spread over rounds; ratios are medians of the "
+        "per-round ratios. PyTorch's row is the faster layout (by median). The NumPy train and "
+        "reference deploy forms: one process each, median of 3 calls. Ratios depend on the CPU "
+        "(and on its load): compare them only within one table."
     )
     write_result(
         "model", "Whole-model forward", "\n".join(lines), args.threads, write=not args.no_write
     )
     if not args.no_write:
-        _chart(results, batches)
+        _chart(per_round, batches)
 
 
-def reference(model, x: np.ndarray) -> np.ndarray:
-    """The model's reference forward (reparam.conv2d), also where model(x) is the fast path."""
-    if "fast" in inspect.signature(model.__call__).parameters:
-        return model(x, fast=False)
-    return model(x)
+_HEADER = [
+    "form",
+    "batch",
+    "median ms",
+    "min ms",
+    "max ms",
+    "images/s",
+    "/ PyTorch",
+    "/ onnxruntime",
+]
 
 
-def _median(times: list[float] | None) -> float | None:
-    return 1e3 * statistics.median(times) if times else None
+def _rows(per_round, batches, contenders):
+    rows, notes = [], []
+    for batch in batches:
+        torch_key = _best_torch(per_round, batch, contenders)
+        keys = [
+            ("train", "train"),
+            ("deploy", "deploy"),
+            ("fast", "fast"),
+            (torch_key, "torch"),
+            ("ort", "ort"),
+        ]
+        for key, form in keys:
+            values = per_round.get((key, batch)) if key else None
+            label = LABELS[form] + (
+                f" ({key.partition(':')[2]})" if form == "torch" and key else ""
+            )
+            if not values:
+                rows.append([label, str(batch)] + ["n/a"] * 6)
+                continue
+            med = statistics.median(values)
+            rows.append(
+                [
+                    label,
+                    str(batch),
+                    fmt(med),
+                    fmt(min(values)),
+                    fmt(max(values)),
+                    fmt(1e3 * batch / med, 1),
+                    _ratio(per_round, key, torch_key, batch),
+                    _ratio(per_round, key, "ort", batch),
+                ]
+            )
+        spread = {
+            other: _ratios(per_round, "fast", key, batch)
+            for other, key in (("PyTorch", torch_key), ("onnxruntime", "ort"))
+        }
+        notes.append(
+            f"- batch {batch}: "
+            + "; ".join(
+                f"fast path / {other} = {fmt(statistics.median(r), 2)} "
+                f"(rounds: {', '.join(fmt(v, 2) for v in r)})"
+                if r
+                else f"fast path / {other}: n/a"
+                for other, r in spread.items()
+            )
+        )
+    return rows, notes
 
 
-def _chart(results, batches) -> None:
+def _best_torch(per_round, batch, contenders):
+    candidates = [c for c in contenders if c.startswith("torch") and per_round.get((c, batch))]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda c: statistics.median(per_round[(c, batch)]))
+
+
+def _ratios(per_round, key, other, batch) -> list[float]:
+    """Per-round ratios (rounds paired); one value for a form timed once."""
+    a, b = (
+        per_round.get((key, batch)) if key else None,
+        per_round.get((other, batch)) if other else None,
+    )
+    if not a or not b:
+        return []
+    if len(a) == len(b):
+        return [x / y for x, y in zip(a, b, strict=True)]
+    return [statistics.median(a) / statistics.median(b)]
+
+
+def _ratio(per_round, key, other, batch) -> str:
+    ratios = _ratios(per_round, key, other, batch)
+    return fmt(statistics.median(ratios), 2) if ratios else "n/a"
+
+
+def _chart(per_round, batches) -> None:
     try:
         import matplotlib
 
@@ -215,12 +195,29 @@ def _chart(results, batches) -> None:
     except ImportError:
         print("matplotlib is not installed: no chart (pip install matplotlib)")
         return
+    forms = [
+        ("train", "NumPy train"),
+        ("deploy", "NumPy deploy (conv2d)"),
+        ("fast", "NumPy fast path"),
+        ("torch", "PyTorch (best layout)"),
+        ("ort", "onnxruntime"),
+    ]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.8 / len(FORMS)
-    for i, form in enumerate(FORMS):
-        values = [_median(results[(form, b)]) or 0.0 for b in batches]
-        positions = [j + (i - (len(FORMS) - 1) / 2) * width for j in range(len(batches))]
-        ax.bar(positions, [v / b for v, b in zip(values, batches, strict=True)], width, label=form)
+    width = 0.8 / len(forms)
+    for i, (key, label) in enumerate(forms):
+        values = []
+        for batch in batches:
+            if key == "torch":
+                runs = [
+                    v for k, v in per_round.items() if k[0].startswith("torch") and k[1] == batch
+                ]
+                med = min((statistics.median(v) for v in runs if v), default=0.0)
+            else:
+                run = per_round.get((key, batch))
+                med = statistics.median(run) if run else 0.0
+            values.append(med / batch)
+        positions = [j + (i - (len(forms) - 1) / 2) * width for j in range(len(batches))]
+        ax.bar(positions, values, width, label=label)
     ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
     ax.set_ylabel("ms per image (median)")
     ax.set_yscale("log")
@@ -234,11 +231,10 @@ def _chart(results, batches) -> None:
 
 def _extra(parser) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (>= 5)")
+    parser.add_argument("--calls", type=int, default=12, help="timed calls per process (batch 1)")
     parser.add_argument(
-        "--slow-repeats",
-        type=int,
-        default=0,
-        help="runs for the slow NumPy train/deploy forms (default: --repeats)",
+        "--skip-reference", action="store_true", help="skip the slow NumPy train/deploy forms"
     )
 
 
