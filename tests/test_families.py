@@ -126,10 +126,10 @@ def test_float32_in_float32_out(name: str, config: dict[str, Any]) -> None:
 @given(
     stride=st.sampled_from([1, 2]),
     groups=st.sampled_from([1, 2, "depthwise"]),
-    kernel=st.sampled_from([1, 3, 5, 7]),
+    kernel=st.sampled_from([1, 3, 5, 7, 13, 31]),
     per_group=st.integers(1, 3),
-    height=st.integers(7, 12),
-    width=st.integers(7, 12),
+    height=st.integers(0, 5),
+    width=st.integers(0, 5),
     seed=st.integers(0, 2**16),
     name=st.sampled_from(sorted(FAMILY_CLASSES)),
     dtype=st.sampled_from(DTYPES),
@@ -160,7 +160,7 @@ def test_random_configurations_fold(
         config["padding"] = kernel // 2
     module = _torch_block(name, config, seed=seed, eps=1e-5)
     state = numpy_state(module, dtype)
-    x = _input(config, seed, height, width).astype(dtype)
+    x = _input(config, seed, kernel + height, kernel + 2 + width).astype(dtype)  # non-square
     block = from_state_dict(name, state, **config)
     train = block(x)
     with torch.no_grad():
