@@ -6,7 +6,8 @@ every measurement here is one child process running one library alone:
 
     python benchmarks/_contenders.py CONTENDER BATCH --arch RepVGG-A0 --repeats 10
 
-prints one JSON line ``{"times": [...], "load_seconds": ..., "ru_maxrss": ...}``.
+prints one JSON line ``{"times": [...], "load_seconds": ..., "ru_maxrss": ...}``
+(the peak resident memory of the child, ``VmHWM``).
 The parent scripts (bench_model.py, bench_memory.py) start the children
 round-robin (A, B, C, A, B, C, ...) and report medians and spreads.
 
@@ -92,7 +93,8 @@ def _torch_forward(model: Any, threads: int, layout: str) -> Any:
             groups=block.groups,
             device="meta",
         )
-        # the NumPy arrays become the parameters (no copy: weights held once)
+        # writeable copies of the loaded arrays become the parameters; the model is dropped
+        # once the module is built, so the weights end up held once
         conv.weight = nn.Parameter(torch.from_numpy(np.array(kernel)), requires_grad=False)
         conv.bias = nn.Parameter(torch.from_numpy(np.array(bias)), requires_grad=False)
         modules += [conv, nn.ReLU(inplace=True)]
@@ -134,6 +136,22 @@ def _ort_forward(model: Any, threads: int, onnx_path: str | None) -> Any:
         return session.run(None, {"input": x})[0]
 
     return forward
+
+
+def peak_rss() -> int:
+    """Bytes: the process' resident high-water mark since it started (``VmHWM``).
+
+    Read from /proc/self/status where there is one: ``ru_maxrss`` is carried
+    over from the parent across fork and exec on Linux, so a child of a large
+    parent would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def child(args: argparse.Namespace) -> None:
@@ -197,7 +215,7 @@ def child(args: argparse.Namespace) -> None:
         "profile": profile,
         "times": times,
         "load_seconds": loaded,
-        "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "ru_maxrss": peak_rss(),
         "checksum": float(np.asarray(out, dtype=np.float64).sum()),
         "logits": np.asarray(out, dtype=np.float64)[0, :8].tolist(),
     }

@@ -248,10 +248,11 @@ def _loaded_peaks(args, batches) -> list[str]:
     The parent writes RepVGG-B1's deploy form (the tiny model with --quick) as a
     reparam ``.npz`` checkpoint and the ``reparam export`` ``.onnx`` graph; each
     child loads its file as a user would (the fast path and PyTorch through
-    ``reparam.checkpoints.load``, PyTorch taking the arrays as its parameters
-    without a copy; onnxruntime the ``.onnx`` file), runs 2 forward passes and
-    reports ``ru_maxrss``: everything the process ever held at once, loading
-    included.
+    ``reparam.checkpoints.load``, PyTorch building its module from the loaded
+    arrays and dropping them; onnxruntime the ``.onnx`` file), runs 2 forward passes and
+    reports its resident high-water mark (``VmHWM``, which unlike ``ru_maxrss``
+    does not carry over the parent's): everything the process ever held at
+    once, loading included.
     """
     import tempfile
 
@@ -307,7 +308,7 @@ def _loaded_peaks(args, batches) -> list[str]:
     return [
         f"## Peak RSS of a process that loads {title}'s deploy checkpoint and runs it",
         "",
-        table(["form", "batch", "peak RSS MiB (ru_maxrss)", "/ PyTorch"], rows),
+        table(["form", "batch", "peak RSS MiB (VmHWM)", "/ PyTorch"], rows),
         "",
         f"- {title}: {kernels:.0f} MiB of deploy kernels; {size}x{size} float32. Median over "
         f"{1 if args.quick else args.rss_rounds} fresh processes per entry. The fast path "

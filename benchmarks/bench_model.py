@@ -4,14 +4,16 @@ RepVGG-A0 (``reparam.RepVGG.create("RepVGG-A0", seed=...)``, float32, 224x224),
 batch 1 and 8, ``--threads`` threads for every library. Contenders (see
 ``_contenders.py``): the fast path (``model(x)``), PyTorch (a deploy model
 built from the same weights, no_grad, NCHW and channels_last: the faster
-layout's times are reported), onnxruntime on ``reparam export``'s graph
-(intra-op threads, sequential, all graph optimizations). Each measurement is
-one fresh process timing ``--calls`` calls after a warm-up; ``--rounds``
-rounds run the contenders in turn (A, B, C, A, B, C, ...), so load on a
-shared machine hits all of them alike. Reported: the median over rounds of
-each process' median, the spread (min and max over rounds), and the ratios as
-the median of the per-round ratios. The NumPy train form and the reference
-deploy form (``model(x, fast=False)``) run in one process each, once.
+layout's times are reported), onnxruntime on ``reparam export``'s graph (intra-
+op threads, sequential, all graph optimizations). Each measurement is one fresh
+process timing ``--calls`` calls after a warm-up; ``--rounds`` rounds run the
+contenders in turn (A, B, C, A, B, C, ...), so load on a shared machine hits
+all of them alike. The fast path runs twice: as ``model(x)`` (``threads=1``,
+BLAS's own threads) and as a ``DeployStack(threads=2)`` (BLAS pinned to one
+thread, the stack's two threads sharing each layer). Reported: the median over
+rounds of each process' median, the spread (min and max over rounds), and the
+ratios as the median of the per-round ratios. The NumPy train form and the
+reference deploy form (``model(x, fast=False)``) run in one process each, once.
 
 Writes benchmarks/results/model.md and a chart benchmarks/results/model.png
 (when matplotlib is installed).
@@ -26,11 +28,12 @@ import statistics
 from _common import RESULTS, fmt, parse_args, table, write_result
 from _contenders import available, medians, run_child
 
-CONTENDERS = ("fast", "torch:NCHW", "torch:channels_last", "ort")
+CONTENDERS = ("fast", "fast2", "torch:NCHW", "torch:channels_last", "ort")
 LABELS = {
     "train": "NumPy train",
     "deploy": "NumPy deploy, reference conv2d",
     "fast": "NumPy fast path",
+    "fast2": "NumPy fast path, threads=2 (BLAS on 1 thread)",
     "torch": "PyTorch deploy",
     "ort": "onnxruntime (reparam export)",
 }
@@ -85,8 +88,9 @@ def main() -> None:
     lines.append(
         f"\n{'RepVGG-A0' if not args.quick else 'tiny RepVGG'}, {size}x{size}, float32, "
         f"{args.threads} threads per library. Each contender runs in its own fresh process, "
-        f"{rounds} rounds interleaved (fast, PyTorch NCHW, PyTorch channels_last, onnxruntime, "
-        f"then again); per process the median of {calls} calls (batch 1) or "
+        f"{rounds} rounds interleaved (fast, fast threads=2, PyTorch NCHW, PyTorch "
+        f"channels_last, onnxruntime, then again); per process the median of {calls} calls "
+        "(batch 1) or "
         f"{max(2, calls // 3)} (larger batches) after one warm-up call. `median ms` is the "
         "median over rounds, `min`/`max` the spread over rounds; ratios are medians of the "
         "per-round ratios. PyTorch's row is the faster layout (by median). The NumPy train and "
@@ -120,6 +124,7 @@ def _rows(per_round, batches, contenders):
             ("train", "train"),
             ("deploy", "deploy"),
             ("fast", "fast"),
+            ("fast2", "fast2"),
             (torch_key, "torch"),
             ("ort", "ort"),
         ]
@@ -146,7 +151,11 @@ def _rows(per_round, batches, contenders):
             )
         spread = {
             other: _ratios(per_round, "fast", key, batch)
-            for other, key in (("PyTorch", torch_key), ("onnxruntime", "ort"))
+            for other, key in (
+                ("PyTorch", torch_key),
+                ("onnxruntime", "ort"),
+                ("the fast path with threads=2", "fast2"),
+            )
         }
         notes.append(
             f"- batch {batch}: "
