@@ -289,7 +289,7 @@ def _loaded_peaks(args, batches) -> list[str]:
                         threads=args.threads,
                         seed=args.seed,
                         checkpoint=checkpoint,
-                        layout="channels_last" if contender == "torch" else "NCHW",
+                        layout="NCHW",  # PyTorch holds least in NCHW (channels_last copies)
                     )
                     if not record.get("na"):
                         peaks.setdefault((contender, batch), []).append(record["ru_maxrss"] / mb)
