@@ -324,12 +324,17 @@ def repvgg_tree(
     *,
     stride: int = 1,
     groups: int = 1,
+    padding: int | None = None,
+    names: tuple[str, str, str] = ("dense", "pointwise", "identity"),
+    name: str = "RepVGG block",
 ) -> Parallel:
     """Build a RepVGG block's train form as a tree of the algebra, every branch centred.
 
-    ``bn_d(conv(x, W_d)) + bn_p(conv(x, W_p)) + bn_i(x)``, each convolution
-    padded by its own kernel's :func:`~reparam.core.conv.centred_padding`, so
-    the pointwise kernel sits in the dense kernel's centre.
+    ``bn_d(conv(x, W_d)) + bn_p(conv(x, W_p)) + bn_i(x)``: the dense kernel
+    padded by ``padding`` (``K // 2`` by default), the small kernel by
+    ``padding - (K - k) // 2`` so that it sits in the dense kernel's centre.
+    The one description of the block's structure: :func:`fuse_block`,
+    :class:`reparam.TrainBlock` and the ``RepVGGBlock`` family all use it.
 
     Parameters
     ----------
@@ -337,6 +342,12 @@ def repvgg_tree(
         As in :func:`fuse_block`.
     stride : int, default 1
     groups : int, default 1
+    padding : int, optional
+        The dense branch's padding (the published block's ``padding``).
+    names : (str, str, str)
+        The branches' names in messages (a checkpoint's ``rbr_dense`` ...).
+    name : str
+        The block's.
 
     Returns
     -------
@@ -344,16 +355,23 @@ def repvgg_tree(
         The tree :func:`fuse_block` folds, and that :class:`reparam.TrainBlock`
         evaluates and folds.
     """
+    size_h, size_w = np.shape(dense[0])[2:]
+    outer = (
+        (centred_padding(size_h), centred_padding(size_w)) if padding is None else (padding,) * 2
+    )
 
     def conv_bn(pair: tuple[npt.ArrayLike, BatchNorm], name: str) -> Sequential:
         kernel = np.asarray(pair[0])
-        pads = (centred_padding(kernel.shape[2]), centred_padding(kernel.shape[3]))
-        conv = Conv(kernel, stride=stride, padding=pads, groups=groups, name=f"{name} conv")
-        return Sequential(conv, Norm(pair[1], name=f"{name} BatchNorm"), name=name)
+        pads = tuple(
+            pad - (big - small) // 2
+            for pad, big, small in zip(outer, (size_h, size_w), kernel.shape[2:], strict=True)
+        )
+        conv = Conv(kernel, stride=stride, padding=pads, groups=groups, name=f"{name}.conv")
+        return Sequential(conv, Norm(pair[1], name=f"{name}.bn"), name=name)
 
-    branches: list[Node] = [conv_bn(dense, "dense")]
+    branches: list[Node] = [conv_bn(dense, names[0])]
     if pointwise is not None:
-        branches.append(conv_bn(pointwise, "pointwise"))
+        branches.append(conv_bn(pointwise, names[1]))
     if identity is not None:
-        branches.append(Norm(identity, name="identity"))
-    return Parallel(*branches, name="RepVGG block")
+        branches.append(Norm(identity, name=names[2]))
+    return Parallel(*branches, name=name)

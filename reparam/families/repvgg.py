@@ -15,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..core.algebra import Node, Norm, Parallel
+from ..core.algebra import Node
 from ..core.errors import ReparamError
+from ..core.fusion import repvgg_tree
 from .base import (
     REQUIRED,
     UNKNOWN_GROUPS,
@@ -25,7 +26,6 @@ from .base import (
     Inferred,
     KeyLayout,
     StateReader,
-    conv_bn,
     conv_options,
     groups_from_identity,
     refuse,
@@ -33,12 +33,12 @@ from .base import (
     square_kernel,
 )
 
-__all__ = ["FAMILY", "repvgg_tree"]
+__all__ = ["FAMILY", "repvgg_block_tree"]
 
 NAME = "RepVGGBlock"
 
 
-def repvgg_tree(reader: StateReader, config: Config) -> Node:
+def repvgg_block_tree(reader: StateReader, config: Config) -> Node:
     """Build the train form: ``bn(conv_kxk(x)) + bn(conv_1x1(x)) [+ bn(x)]``."""
     refuse(
         config,
@@ -54,16 +54,22 @@ def repvgg_tree(reader: StateReader, config: Config) -> Node:
             f"{NAME}: padding={padding} with kernel_size={size} leaves the 1x1 branch a negative "
             f"padding; expected padding >= {size // 2} (the published block uses 3 and 1)"
         )
-    common = options.channels
-    branches = [
-        conv_bn(reader, "rbr_dense", common, kernel=(size, size), stride=stride, padding=padding),
-        conv_bn(
-            reader, "rbr_1x1", common, kernel=(1, 1), stride=stride, padding=padding - size // 2
-        ),
-    ]
+    per_group = in_channels // options.groups
+    dense = reader.array("rbr_dense.conv.weight", (out_channels, per_group, size, size))
+    small = reader.array("rbr_1x1.conv.weight", (out_channels, per_group, 1, 1))
+    identity = None
     if in_channels == out_channels and stride == 1:
-        branches.append(Norm(reader.bn("rbr_identity", out_channels), name="rbr_identity"))
-    return Parallel(*branches, name=NAME)
+        identity = reader.bn("rbr_identity", out_channels)
+    return repvgg_tree(
+        (dense, reader.bn("rbr_dense.bn", out_channels)),
+        (small, reader.bn("rbr_1x1.bn", out_channels)),
+        identity,
+        stride=stride,
+        groups=options.groups,
+        padding=padding,
+        names=("rbr_dense", "rbr_1x1", "rbr_identity"),
+        name=NAME,
+    )
 
 
 def infer_repvgg(state: Mapping[str, Any], given: Mapping[str, Any]) -> Inferred:
@@ -94,7 +100,7 @@ FAMILY = Family(
         "deploy": False,
         "use_se": False,
     },
-    build=repvgg_tree,
+    build=repvgg_block_tree,
     deploy_prefix="rbr_reparam",
     source="DingXiaoH/RepVGG repvgg.py (YOLOv6 yolov6/layers/common.py: same keys)",
     infer=infer_repvgg,
