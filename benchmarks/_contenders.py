@@ -173,7 +173,8 @@ def child(args: argparse.Namespace) -> None:
             head = model.head
 
             def forward(x: np.ndarray) -> np.ndarray:
-                return head(stack(x, pool=True))
+                with stack.blas_scope():  # the head too, as RepVGG.__call__ does
+                    return head(stack(x, pool=True))
         else:
             forward = model
     elif args.contender == "torch":

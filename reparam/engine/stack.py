@@ -411,7 +411,7 @@ class DeployStack:
         output = np.empty(shape, dtype=result_dtype)
         if batch == 0:
             return output
-        with self._lock, self._blas():  # the buffers are shared: one call at a time
+        with self._lock, self.blas_scope():  # the buffers are shared: one call at a time
             plan = self._plan(height, width, compute, batch)
             for start in range(0, batch, plan.chunk):
                 stop = min(batch, start + plan.chunk)
@@ -439,7 +439,7 @@ class DeployStack:
         """
         inputs, compute = self._check_input(x, func="DeployStack.profile")
         seconds = [0.0] * len(self._layers)
-        with self._lock, self._blas():
+        with self._lock, self.blas_scope():
             plan = self._plan(inputs.shape[2], inputs.shape[3], compute, inputs.shape[0])
             for start in range(0, inputs.shape[0], plan.chunk):
                 self._run_chunk(plan, inputs[start : start + plan.chunk], seconds)
@@ -536,8 +536,26 @@ class DeployStack:
             )
         return inputs, np.promote_types(np.result_type(inputs.dtype, self.dtype), np.float32)
 
-    def _blas(self) -> contextlib.AbstractContextManager[Any]:
-        """BLAS on one thread while the stack's own threads share the work."""
+    def blas_scope(self) -> contextlib.AbstractContextManager[Any]:
+        """A ``with`` block in which BLAS runs as the stack's calls need it.
+
+        With ``threads > 1``, BLAS is pinned to one thread in the block
+        (restored at its end); otherwise nothing changes. Every call pins
+        BLAS for itself; run the code around a call in the block too (a
+        classifier head after ``stack(x, pool=True)``): a BLAS product on
+        several threads leaves BLAS's helper threads spinning idle for a
+        while (OpenBLAS: about 0.1 s), on the cores the stack's threads need.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> stack = DeployStack([(np.ones((4, 3, 3, 3)), np.zeros(4), 1, 1)], threads=2)
+        >>> head = np.ones((4, 2))
+        >>> with stack.blas_scope():
+        ...     logits = stack(np.ones((1, 3, 5, 5)), pool=True) @ head
+        >>> logits.shape
+        (1, 2)
+        """
         if self._workers.threads > 1:
             return workers.one_blas_thread()
         return contextlib.nullcontext()

@@ -682,7 +682,7 @@ class RepVGG:
                 f"{func}: x has {inputs.shape[1]} channels; got shape {inputs.shape}, expected "
                 f"(N, {self.in_channels}, H, W)"
             )
-        out: FloatArray = inputs.astype(self.dtype)
+        out: FloatArray = inputs.astype(self.dtype, copy=False)  # never written
         stack = self._fast_stack if fast else None
         if stack is not None:
             return stack(out, pool=True)
@@ -700,7 +700,11 @@ class RepVGG:
         The input is cast to the model's dtype (float32 or float64). See
         :meth:`features` for ``fast``.
         """
-        return self.head(self.features(x, fast=fast))
+        stack = self._fast_stack if fast else None
+        if stack is None:
+            return self.head(self.features(x, fast=fast))
+        with stack.blas_scope():  # the head's product too: no BLAS thread left spinning
+            return self.head(self.features(x, fast=fast))
 
     def reparameterize(self) -> RepVGG:
         """Return the deploy form: every block fused into one convolution with bias.
