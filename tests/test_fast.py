@@ -115,10 +115,12 @@ def reference_stack(x: npt.NDArray[Any], layers: list[Layer]) -> tuple[npt.NDArr
     return out, float(np.max(terms))
 
 
-def check_against_reference(case: StackCase, dtype: npt.DTypeLike, what: str) -> None:
+def check_against_reference(
+    case: StackCase, dtype: npt.DTypeLike, what: str, threads: int | None = None
+) -> None:
     layers, x = case.layers(dtype), case.x(dtype)
     expected, scale = reference_stack(x, layers)
-    stack = DeployStack(layers, algorithms=case.algorithms)
+    stack = DeployStack(layers, algorithms=case.algorithms, threads=threads)
     actual = stack(x)
     assert actual.dtype == np.dtype(dtype), f"{what}: dtype {actual.dtype}, expected {dtype}"
     assert_close(actual, expected, dtype=dtype, scale=scale, what=f"{what}: {case}")
@@ -218,20 +220,24 @@ def test_float32_winograd_weights_are_the_float64_transform_rounded_once(
 # ----------------------------------------------------------------- equivalence
 
 
+# threads=1 (BLAS's own threads only) and the default (the stack's threads where threadpoolctl
+# can pin BLAS: 2 on a 2-core machine) are both proven against the reference
+@pytest.mark.parametrize("threads", [1, None])
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(case=stack_cases())
-def test_stack_equals_reference(dtype: npt.DTypeLike, case: StackCase) -> None:
-    check_against_reference(case, dtype, "stack")
+def test_stack_equals_reference(dtype: npt.DTypeLike, threads: int | None, case: StackCase) -> None:
+    check_against_reference(case, dtype, f"stack, threads={threads}", threads)
 
 
+@pytest.mark.parametrize("threads", [1, None])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(case=stack_cases(strides=(1,), group_choices=(1,), max_layers=2))
 def test_each_algorithm_equals_reference(
-    algorithm: str, dtype: npt.DTypeLike, case: StackCase
+    algorithm: str, dtype: npt.DTypeLike, threads: int | None, case: StackCase
 ) -> None:
     forced = StackCase(**{**case.__dict__, "algorithms": (algorithm,) * len(case.groups)})
-    check_against_reference(forced, dtype, algorithm)
+    check_against_reference(forced, dtype, f"{algorithm}, threads={threads}", threads)
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -763,3 +769,40 @@ def test_identical_layers_share_two_buffers() -> None:
     assert len(distinct) == 4, f"7 buffers of 3 geometries need 4 arrays; got {len(distinct)}"
     expected, scale = reference_stack(x, layers)
     assert_close(actual, expected, dtype=np.float64, scale=scale, what="shared buffers")
+
+
+def test_default_threads_follow_blas_and_a_call_restores_blas() -> None:
+    """threads=None takes BLAS's own thread count (at most DEFAULT_MAX_THREADS), or 1."""
+    from reparam.engine import stack as stack_module
+    from reparam.engine import workers
+
+    layers = [_layer()]
+    stack = DeployStack(layers)
+    if workers.blas_controller() is None:
+        assert stack._workers.threads == 1, "without threadpoolctl the stack must not thread"
+        return
+    expected = min(workers.blas_threads(), stack_module.DEFAULT_MAX_THREADS)
+    assert stack._workers.threads == expected, (
+        f"default threads: got {stack._workers.threads}, expected {expected} (BLAS has "
+        f"{workers.blas_threads()})"
+    )
+    with workers.blas_controller().limit(limits=1, user_api="blas"):
+        assert DeployStack(layers)._workers.threads == 1, "BLAS on 1 thread: the stack takes 1"
+
+
+def test_workers_run_every_task_and_raise_what_a_helper_raised() -> None:
+    from reparam.engine.workers import Workers
+
+    pool = Workers(3)
+    seen: list[int] = []
+    pool.run([lambda: seen.append(0), lambda: seen.append(1), lambda: seen.append(2)])
+    assert sorted(seen) == [0, 1, 2], f"each task must run once; ran {seen}"
+
+    def fail() -> None:
+        raise ArithmeticError("from a helper thread")
+
+    with pytest.raises(ArithmeticError, match="from a helper thread"):
+        pool.run([lambda: seen.append(3), fail])
+    assert seen[-1] == 3, "the calling thread's task must still run"
+    pool.run([lambda: seen.append(4), lambda: seen.append(5)])  # the helpers still serve
+    assert sorted(seen[-2:]) == [4, 5], f"after an error the helpers must keep working; {seen}"

@@ -31,7 +31,9 @@ followed by its bias and a ReLU, and does it as fast as NumPy allows:
   restored afterwards) and every layer is split into bands of output rows
   that the stack's threads compute side by side, each its own gather,
   transforms and matrix products (NumPy releases the GIL in all of them);
-  with ``threads=1`` (the default) BLAS's own threads share the products;
+  by default the stack takes as many threads as BLAS has (at most 4) when
+  threadpoolctl is installed; with ``threads=1`` BLAS's own threads share
+  the products and everything else runs on one core;
 * weights are held once: read-only kernels (a deploy model's) are shared,
   not copied; the transformed layouts are computed layer by layer straight
   into one allocation; layers with more output channels than output pixels
@@ -80,7 +82,13 @@ from .winograd import (
 )
 from .workers import Workers
 
-__all__ = ["ALGORITHMS", "DeployStack", "choose_algorithm", "winograd_matrices"]
+__all__ = [
+    "ALGORITHMS",
+    "DEFAULT_MAX_THREADS",
+    "DeployStack",
+    "choose_algorithm",
+    "winograd_matrices",
+]
 
 
 class WeightLayout(NamedTuple):
@@ -125,6 +133,12 @@ DEFAULT_LAYER_BYTES = 8 * 2**20
 #: Default bound on the buffers of one chunk of images (RepVGG-A0 at 224x224: 8 images,
 #: 60 MiB; RepVGG-B1: 4 images).
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+#: Most threads a stack takes by default (``threads=None``): the bands of a layer's rows
+#: thin out with more (a 14x14 layer has 7 rows of 2x2 tiles), and this was measured on
+#: 2 cores only.
+DEFAULT_MAX_THREADS = 4
 
 
 #: Largest chunk of images considered.
@@ -231,7 +245,7 @@ class DeployStack:
         algorithm, which depends on the image size (see
         :func:`choose_algorithm`). Other sizes compute what they need on
         first use, once.
-    threads : int, default 1
+    threads : int, optional
         Threads of the stack's own. With more than one, each layer is split
         into that many bands of output rows (or, where the GEMM has fewer
         pixels than output channels, into gathers by rows, then products by
@@ -239,8 +253,13 @@ class DeployStack:
         thread for the call with threadpoolctl (optional: without it,
         ``threads`` above 1 runs as 1, since BLAS's own threads and the
         stack's would compete for the cores). With 1, BLAS's own threads
-        parallelize the matrix products. Which is faster depends on the
-        machine and its load: see ``benchmarks/results/``.
+        parallelize the matrix products only. None (the default): as many
+        as BLAS's own threads (which follow ``OMP_NUM_THREADS`` /
+        ``OPENBLAS_NUM_THREADS`` and the CPUs the process may use), at most
+        :data:`DEFAULT_MAX_THREADS`, when threadpoolctl is installed; 1
+        without it. On the 2-core machine of ``benchmarks/results/``, 2
+        threads were about 1.2x faster than 1 at batch 8 and about even at
+        batch 1.
 
     Raises
     ------
@@ -291,7 +310,7 @@ class DeployStack:
         algorithms: Sequence[str] | None = None,
         max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         layer_bytes: int = DEFAULT_LAYER_BYTES,
-        threads: int = 1,
+        threads: int | None = None,
         input_size: int | tuple[int, int] = 224,
     ) -> None:
         func = "DeployStack"
@@ -321,6 +340,8 @@ class DeployStack:
         self._requested: list[str] | None = algorithms
         self._max_chunk_bytes = positive_int(max_chunk_bytes, func=func, name="max_chunk_bytes")
         self._layer_bytes = positive_int(layer_bytes, func=func, name="layer_bytes")
+        if threads is None:
+            threads = min(workers.blas_threads(), DEFAULT_MAX_THREADS)
         threads = positive_int(threads, func=func, name="threads")
         if workers.blas_controller() is None:
             threads = 1  # BLAS keeps its own threads, which the stack's would fight

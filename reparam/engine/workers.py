@@ -19,6 +19,7 @@ __all__ = [
     "SERIAL",
     "Workers",
     "blas_controller",
+    "blas_threads",
     "one_blas_thread",
     "relu",
     "take",
@@ -175,6 +176,19 @@ def blas_controller() -> Any:
         else:
             _CONTROLLER.append(module.ThreadpoolController())
     return _CONTROLLER[0]
+
+
+def blas_threads() -> int:
+    """Threads the loaded BLAS libraries use now (the most of them); 1 if not known.
+
+    Without threadpoolctl the count is not known, and 1 is returned: the
+    stack then leaves the parallelism to BLAS.
+    """
+    controller = blas_controller()
+    if controller is None:
+        return 1
+    counts = [int(lib.num_threads) for lib in controller.select(user_api="blas").lib_controllers]
+    return max([1, *counts])
 
 
 def one_blas_thread() -> contextlib.AbstractContextManager[Any]:
