@@ -558,7 +558,7 @@ class DeployStack:
         return inputs, np.promote_types(np.result_type(inputs.dtype, self.dtype), np.float32)
 
     def blas_scope(self) -> contextlib.AbstractContextManager[Any]:
-        """A ``with`` block in which BLAS runs as the stack's calls need it.
+        """Return a ``with`` block in which BLAS runs as the stack's calls need it.
 
         With ``threads > 1``, BLAS is pinned to one thread in the block
         (restored at its end); otherwise nothing changes. Every call pins

@@ -130,7 +130,7 @@ class _Helper:
 
 
 def _serve(go: threading.Lock, done: threading.Lock, box: list[Any]) -> None:
-    """The helper thread's loop: wait for a task, run it, report; a None task ends it."""
+    """Serve tasks on a helper thread: wait for one, run it, report; a None task ends it."""
     while True:
         go.acquire()
         task = box[0]
