@@ -8,9 +8,10 @@ layout's times are reported), onnxruntime on ``reparam export``'s graph (intra-
 op threads, sequential, all graph optimizations). Each measurement is one fresh
 process timing ``--calls`` calls after a warm-up; ``--rounds`` rounds run the
 contenders in turn (A, B, C, A, B, C, ...), so load on a shared machine hits
-all of them alike. The fast path runs twice: as ``model(x)`` (``threads=1``,
-BLAS's own threads) and as a ``DeployStack(threads=2)`` (BLAS pinned to one
-thread, the stack's two threads sharing each layer). Reported: the median over
+all of them alike. The fast path runs twice: as ``model(x)`` (the default:
+the stack's own threads, as many as BLAS's, with BLAS pinned to one thread
+for the call and the head) and as a ``DeployStack(threads=1)`` (BLAS's own
+threads share the matrix products, everything else on one core). Reported: the median over
 rounds of each process' median, the spread (min and max over rounds), and the
 ratios as the median of the per-round ratios. The NumPy train form and the
 reference deploy form (``model(x, fast=False)``) run in one process each, once.
@@ -28,12 +29,12 @@ import statistics
 from _common import RESULTS, fmt, parse_args, table, write_result
 from _contenders import available, medians, run_child
 
-CONTENDERS = ("fast", "fast2", "torch:NCHW", "torch:channels_last", "ort")
+CONTENDERS = ("fast", "fast1", "torch:NCHW", "torch:channels_last", "ort")
 LABELS = {
     "train": "NumPy train",
     "deploy": "NumPy deploy, reference conv2d",
     "fast": "NumPy fast path",
-    "fast2": "NumPy fast path, threads=2 (BLAS on 1 thread)",
+    "fast1": "NumPy fast path, threads=1 (BLAS's own threads)",
     "torch": "PyTorch deploy",
     "ort": "onnxruntime (reparam export)",
 }
@@ -88,7 +89,7 @@ def main() -> None:
     lines.append(
         f"\n{'RepVGG-A0' if not args.quick else 'tiny RepVGG'}, {size}x{size}, float32, "
         f"{args.threads} threads per library. Each contender runs in its own fresh process, "
-        f"{rounds} rounds interleaved (fast, fast threads=2, PyTorch NCHW, PyTorch "
+        f"{rounds} rounds interleaved (fast, fast threads=1, PyTorch NCHW, PyTorch "
         f"channels_last, onnxruntime, then again); per process the median of {calls} calls "
         "(batch 1) or "
         f"{max(2, calls // 3)} (larger batches) after one warm-up call. `median ms` is the "
@@ -124,7 +125,7 @@ def _rows(per_round, batches, contenders):
             ("train", "train"),
             ("deploy", "deploy"),
             ("fast", "fast"),
-            ("fast2", "fast2"),
+            ("fast1", "fast1"),
             (torch_key, "torch"),
             ("ort", "ort"),
         ]
@@ -154,7 +155,7 @@ def _rows(per_round, batches, contenders):
             for other, key in (
                 ("PyTorch", torch_key),
                 ("onnxruntime", "ort"),
-                ("the fast path with threads=2", "fast2"),
+                ("the fast path with threads=1", "fast1"),
             )
         }
         notes.append(
