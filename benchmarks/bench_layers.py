@@ -1,8 +1,9 @@
 """Per-layer timing: RepVGG-A0's deploy conv layers, NumPy fast path vs PyTorch vs matmul.
 
 For every distinct deploy layer shape of RepVGG-A0 at 224x224 (batch 1 and 8)
-this times each fast-path algorithm on that one layer (bias and ReLU included,
-NHWC in and out, as inside the stack), PyTorch's ``conv2d`` + ReLU (best of NCHW
+this times each fast-path algorithm on the layers of that shape inside a whole
+A0 stack (bias and ReLU included, ``DeployStack.profile``, as ``model(x)`` runs
+them), PyTorch's ``conv2d`` + ReLU (best of NCHW
 and channels_last, no_grad) and onnxruntime's Conv + Relu (a one-layer graph,
 2 intra-op threads, all optimizations), each library in its own process (mixing
 libraries in one process distorts timings), and NumPy's own ``matmul`` on the layer's im2col
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from _common import (
@@ -41,6 +43,7 @@ from _contenders import available
 
 from reparam import conv2d
 from reparam.engine import ALGORITHMS, DeployStack
+from reparam.engine.workers import one_blas_thread
 
 LABELS = {"im2col": "im2col", "winograd2": "F(2,3)", "winograd4": "F(4,3)"}
 
@@ -105,6 +108,36 @@ def library_child(library: str, specs: list, repeats: int, threads: int, seed: i
     return results
 
 
+def stack_times(
+    layers: list, size: int, batch: int, rng: np.random.Generator, repeats: int
+) -> dict[str, Any]:
+    """Per-layer ms of the fast path inside whole stacks, one stack per algorithm.
+
+    Timing a layer alone in a one-layer stack keeps its weights in cache between runs and
+    pays the edges of every call (the first layer's thread hand-offs after the layout
+    conversion); inside the stack, as in ``model(x)``, each layer follows another. For each
+    algorithm, a stack of all the layers with that algorithm wherever it applies (im2col
+    elsewhere); ``"chosen"`` maps each layer to the algorithm of the default stack.
+    Returns ``{algorithm: {layer index: median ms}}`` (only the layers that used it) plus
+    ``"default"`` (the default stack's times) and ``"chosen"``.
+    """
+    x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    result: dict[str, Any] = {}
+    for name in (None, *ALGORITHMS):
+        requested = None if name is None else [name] * len(layers)
+        stack = DeployStack(layers, algorithms=requested, input_size=size)
+        stack.profile(x)  # warm up
+        runs = [stack.profile(x) for _ in range(repeats)]
+        used = [algorithm for algorithm, _ in runs[0]]
+        medians = [1e3 * statistics.median(run[i][1] for run in runs) for i in range(len(used))]
+        if name is None:
+            result["chosen"] = used
+            result["default"] = dict(enumerate(medians))
+        else:
+            result[name] = {i: ms for i, ms in enumerate(medians) if used[i] == name}
+    return result
+
+
 def library_times(library: str, specs: list, args) -> dict:
     """Run :func:`library_child` in a fresh process (n/a when the library is missing)."""
     if not available(library):
@@ -146,63 +179,73 @@ def main() -> None:
     # distinct layer shapes, with their input size and how often A0 uses them
     shapes: dict[tuple[int, int, int, int, int], int] = {}
     first: dict[tuple[int, int, int, int, int], tuple] = {}
+    where: dict[tuple[int, int, int, int, int], list[int]] = {}  # the layers of each shape
     height = size
-    for kernel, bias, stride, groups in layers:
+    for index, (kernel, bias, stride, groups) in enumerate(layers):
         key = (kernel.shape[1] * groups, kernel.shape[0], stride, groups, height)
         shapes[key] = shapes.get(key, 0) + 1
         first.setdefault(key, (kernel, bias, stride, groups))
+        where.setdefault(key, []).append(index)
         height = (height - 1) // stride + 1
+    in_stack = {batch: stack_times(layers, size, batch, rng, args.repeats) for batch in batches}
 
     specs = []
     for c_in, c_out, stride, groups, h in shapes:
         specs += [(c_in, c_out, stride, groups, h, batch) for batch in batches]
     others = {library: library_times(library, specs, args) for library in ("torch", "ort")}
-    rows = []
+    rows: list[list[str]] = []
+    gemms: list[tuple[int, tuple[int, int, int, int], float]] = []
     with limit_blas(args.threads):
         for key, count in shapes.items():
             c_in, c_out, stride, groups, h = key
             kernel, bias, _, _ = first[key]
             oh = (h - 1) // stride + 1
             possible = [a for a in ALGORITHMS if a == "im2col" or (stride == 1 and groups == 1)]
-            chosen = DeployStack([first[key]], input_size=h).algorithms(h, h)[0]
-            # float32 error of each algorithm (batch 1), against the float64 reference
+            # float32 error of each algorithm (batch 1), against the float64 reference (on one
+            # BLAS thread: BLAS's threads would go on spinning against the stacks timed next)
             x1 = np.abs(rng.standard_normal((1, c_in, h, h))).astype(np.float32)
-            ref = np.maximum(
-                conv2d(
-                    x1.astype(np.float64),
-                    kernel.astype(np.float64),
-                    bias.astype(np.float64),
-                    stride=stride,
-                    padding=1,
-                    groups=groups,
-                ),
-                0,
-            )
+            with one_blas_thread():
+                ref = np.maximum(
+                    conv2d(
+                        x1.astype(np.float64),
+                        kernel.astype(np.float64),
+                        bias.astype(np.float64),
+                        stride=stride,
+                        padding=1,
+                        groups=groups,
+                    ),
+                    0,
+                )
             errors = {}
             for name in possible:
                 out = DeployStack([first[key]], algorithms=[name], input_size=h)(x1)
                 errors[name] = float(np.abs(out - ref).max() / np.abs(ref).max())
             for batch in batches:
                 flops = 2.0 * batch * oh * oh * c_out * 9 * c_in / groups
-                x = rng.standard_normal((batch, c_in, h, h)).astype(np.float32)
-                times = {}
-                for name in possible:
-                    stack = DeployStack([first[key]], algorithms=[name], input_size=h)
-                    stack.profile(x)  # warm up; profile() times the layer alone (NHWC to NHWC)
-                    times[name] = [stack.profile(x)[0][1] for _ in range(args.repeats)]
-                # NumPy matmul on the im2col GEMM shape
-                m, k, n = batch * oh * oh, 9 * c_in // groups, c_out // groups
-                a = rng.standard_normal((groups, m, k)).astype(np.float32)
-                b = rng.standard_normal((groups, k, n)).astype(np.float32)
-                out = np.empty((groups, m, n), np.float32)
-                mm = measure(lambda a=a, b=b, out=out: np.matmul(a, b, out=out), args.repeats)
-                mm_gflops = flops / statistics.median(mm) / 1e9
+                # each algorithm's time for this shape: the median over the layers of this
+                # shape, timed inside whole A0 stacks (see stack_times)
+                times = {
+                    name: [in_stack[batch][name][i] for i in where[key]]
+                    for name in possible
+                    if all(i in in_stack[batch][name] for i in where[key])
+                }
+                chosen = in_stack[batch]["chosen"][where[key][0]]
+                # NumPy matmul on the im2col GEMM shape: timed after every stack (below), since
+                # a product on BLAS's threads leaves them spinning against the stack's own
+                gemms.append(
+                    (
+                        len(rows),
+                        (groups, batch * oh * oh, 9 * c_in // groups, c_out // groups),
+                        flops,
+                    )
+                )
+                mm_gflops = None
                 spec = f"{c_in},{c_out},{stride},{groups},{h},{batch}"
                 torch_ms, layout = others["torch"].get(spec, (None, "n/a"))
                 ort_ms = others["ort"].get(spec, (None, ""))[0]
-                medians = {name: stats(t)[0] for name, t in times.items()}
+                medians = {name: statistics.median(t) for name, t in times.items()}
                 best_name = min(medians, key=medians.get)
-                chosen_ms = medians[chosen]
+                chosen_ms = statistics.median(in_stack[batch]["default"][i] for i in where[key])
                 cells = [fmt(medians.get(a), 2) if a in medians else "-" for a in ALGORITHMS]
                 rows.append(
                     [
@@ -223,6 +266,12 @@ def main() -> None:
                         " / ".join(f"{errors[a]:.1e}" for a in possible),
                     ]
                 )
+        for row, (groups, m, k, n), flops in gemms:
+            a = rng.standard_normal((groups, m, k)).astype(np.float32)
+            b = rng.standard_normal((groups, k, n)).astype(np.float32)
+            out = np.empty((groups, m, n), np.float32)
+            mm = measure(lambda a=a, b=b, out=out: np.matmul(a, b, out=out), args.repeats)
+            rows[row][8] = fmt(flops / statistics.median(mm) / 1e9, 0)
     header = [
         "layer (C_in->C_out, stride, groups, input)",
         "in A0",
@@ -245,11 +294,7 @@ def main() -> None:
     body = table(header, rows)
     totals = []
     for batch in batches:
-        fast = sum(
-            float(r[1]) * float(dict(zip(ALGORITHMS, r[3:6], strict=True))[_algo(r[6])])
-            for r in rows
-            if r[2] == str(batch)
-        )
+        fast = sum(in_stack[batch]["default"].values())
         tt = [float(r[1]) * float(r[9]) for r in rows if r[2] == str(batch) and r[9] != "n/a"]
         oo = [float(r[1]) * float(r[13]) for r in rows if r[2] == str(batch) and r[13] != "n/a"]
         totals.append(
@@ -263,11 +308,14 @@ def main() -> None:
         )
     note = (
         f"Medians of {args.repeats} runs (ms). GFLOP/s = 2 x direct multiply-adds / median "
-        "time. `default` is the algorithm DeployStack picks for this layer and size. Each "
-        "layer is timed alone, so its weights stay in cache between runs; inside the whole "
-        "stack, F(4,3)'s transformed weights (4x the kernel) stream from memory on every "
-        "layer, which makes F(2,3) the faster choice at 14x14 there (see "
-        "`reparam.engine.choose_algorithm` and `DeployStack.tune`)."
+        "time. The fast path's layers are timed inside whole RepVGG-A0 stacks "
+        "(`DeployStack.profile`), one stack per algorithm (that algorithm wherever it "
+        "applies), with the default threads, as `model(x)` runs them; a shape used by several "
+        "layers gets the median over them. `default` is the algorithm DeployStack picks for "
+        "this layer and size (`reparam.engine.choose_algorithm`; `DeployStack.tune` measures "
+        "instead). PyTorch and onnxruntime run each layer alone (conv + ReLU), each library "
+        "in its own process; NumPy's matmul runs the layer's im2col GEMM shape after all the "
+        "stacks (a product on BLAS's threads leaves them spinning against the stack's own)."
     )
     write_result(
         "layers",
@@ -281,11 +329,6 @@ def main() -> None:
 def _extra(parser) -> None:
     parser.add_argument("--child", choices=("torch", "ort"), help=argparse.SUPPRESS)
     parser.add_argument("--specs", help=argparse.SUPPRESS)
-
-
-def _algo(label: str) -> str:
-    name = label.split(" ")[0]
-    return {v: k for k, v in LABELS.items()}[name]
 
 
 if __name__ == "__main__":

@@ -424,6 +424,28 @@ def test_default_algorithms() -> None:
     assert choose_algorithm(stride=1, groups=2, **common) == "im2col", "grouped"
     tiny = {**common, "height": 2, "width": 2}
     assert choose_algorithm(stride=1, groups=1, **tiny) == "im2col", "tiny image"
+    # many images make enough 4x4 tiles (16 per 14x14 image, 128 needed) for F(4x4, 3x3)
+    assert choose_algorithm(stride=1, groups=1, images=8, **small) == "winograd4", "8 x 14x14"
+    assert choose_algorithm(stride=1, groups=1, images=7, **small) == "winograd2", "7 x 14x14"
+    wide = {**small, "in_channels": 512, "out_channels": 512}
+    assert choose_algorithm(stride=1, groups=1, images=64, **wide) == "winograd2", "> 256 ch"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_chunk_of_small_images_uses_f4_and_equals_reference(dtype: npt.DTypeLike) -> None:
+    """Eight 14x14 images: F(4x4, 3x3) for the chunk, F(2x2, 3x3) for one image; both exact."""
+    case = StackCase((16, 16, 16), (1, 1), (1, 1), None, 8, 14, 14, seed=21)
+    layers, x = case.layers(dtype), case.x(dtype)
+    stack = DeployStack(layers, input_size=14)
+    assert stack.algorithms(14, 14, 8) == ["winograd4"] * 2, "8 images of 14x14: F(4x4, 3x3)"
+    assert stack.algorithms(14, 14) == ["winograd2"] * 2, "one 14x14 image: F(2x2, 3x3)"
+    used = [name for name, _ in stack.profile(x)]
+    assert used == ["winograd4"] * 2, f"a call on 8 images must run F(4x4, 3x3); ran {used}"
+    expected, scale = reference_stack(x, layers)
+    assert_close(stack(x), expected, dtype=dtype, scale=scale, what="8 images")
+    one, one_scale = reference_stack(x[:1], layers)
+    assert_close(stack(x[:1]), one, dtype=dtype, scale=one_scale, what="then 1 image")
+    assert_close(stack(x), expected, dtype=dtype, scale=scale, what="then 8 again")
 
 
 def test_requested_winograd_falls_back_where_it_does_not_apply() -> None:
