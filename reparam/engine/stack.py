@@ -967,9 +967,7 @@ def scratch_sizes(
     th, tw = -(-h // tile), -(-w // tile)
     tiles = chunk * th * tw
     channels, out_channels = layer.in_channels, layer.out_channels
-    return {
-        "gathered": side * side * tiles * channels,
-        "stage": side * tiles * max(side * channels, tile * out_channels),
-        "product": side * side * tiles * out_channels,
-        "output": tile * tile * tiles * out_channels,
+    return {  # see winograd_task: d, v, z share one slot; e, m, y the other
+        "gathered": tiles * max(side * side * channels, side * tile * out_channels),
+        "product": tiles * max(side * side * channels, side * side * out_channels),
     }

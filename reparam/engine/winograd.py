@@ -161,12 +161,14 @@ def winograd_task(
     windows = sliding_window_view(band, (side, side), axis=(1, 2))
     windows = windows[:, : (th - 1) * tile + 1 : tile, : (tw - 1) * tile + 1 : tile]
     windows = windows.transpose(4, 5, 0, 1, 2, 3)
+    # two scratch slots, each array written once the one before it in its slot is dead:
+    # d -> v -> z in one, e -> m -> y in the other (less scratch: more images per call)
     d = arena.get("gathered", (side, side, n, th, tw, channels))
-    e = arena.get("stage", (side, side, tiles * channels))
-    v = arena.get("gathered", (side, side, tiles * channels))  # d is no longer needed then
-    m = arena.get("product", (side * side, tiles, out_channels))
-    z = arena.get("stage", (side, tile, tiles * out_channels))
-    y = arena.get("output", (tile, tile, n, th, tw, out_channels))
+    e = arena.get("product", (side, side, tiles * channels))
+    v = arena.get("gathered", (side, side, tiles * channels))  # d is dead: e holds it
+    m = arena.get("product", (side * side, tiles, out_channels))  # e is dead: v holds it
+    z = arena.get("gathered", (side, tile, tiles * out_channels))  # v is dead
+    y = arena.get("product", (tile, tile, n, th, tw, out_channels))  # m is dead: z holds it
     # the output region, whole tiles, seen as (i, j, n, tile row, tile column, channel)
     region = target[:, origin + top : origin + top + th * tile, origin : origin + tw * tile]
     out = region.reshape(n, th, tile, tw, tile, out_channels).transpose(2, 4, 0, 1, 3, 5)
