@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
+import signal
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -828,3 +830,24 @@ def test_workers_run_every_task_and_raise_what_a_helper_raised() -> None:
     assert seen[-1] == 3, "the calling thread's task must still run"
     pool.run([lambda: seen.append(4), lambda: seen.append(5)])  # the helpers still serve
     assert sorted(seen[-2:]) == [4, 5], f"after an error the helpers must keep working; {seen}"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_runs_a_threaded_stack_without_the_parents_threads() -> None:
+    """Helper threads do not survive a fork: the child must start its own, not wait forever."""
+    case = StackCase((3, 8, 8), (1, 1), (2, 1), None, 2, 12, 12, seed=5)
+    layers, x = case.layers(np.float64), case.x(np.float64)
+    stack = DeployStack(layers, threads=2)
+    expected = stack(x)  # the parent's helper threads are running now
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the call finishes and agrees
+        code = 1
+        try:
+            signal.alarm(20)  # a hang would otherwise block the test suite
+            code = 0 if np.array_equal(stack(x), expected) else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
+        f"the forked child's call failed or hung (wait status {status})"
+    )

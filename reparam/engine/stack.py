@@ -280,7 +280,7 @@ class DeployStack:
         ``OPENBLAS_NUM_THREADS`` and the CPUs the process may use), at most
         :data:`DEFAULT_MAX_THREADS`, when threadpoolctl is installed; 1
         without it. On the 2-core machine of ``benchmarks/results/``, 2
-        threads were about 1.2x faster than 1 at batch 8 and about even at
+        threads were 1.2-1.3x faster than 1 at batch 8 and about even at
         batch 1.
 
     Raises

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -48,6 +49,7 @@ class Workers:
     def __init__(self, threads: int) -> None:
         self.threads = threads
         self._helpers: list[_Helper] = []
+        self._pid = os.getpid()  # a forked child has none of the parent's helper threads
 
     def run(self, tasks: Sequence[Callable[[], object]]) -> None:
         """Run the tasks side by side: the first on the calling thread, one per helper.
@@ -60,6 +62,8 @@ class Workers:
             return
         if len(tasks) > self.threads:
             raise ValueError(f"Workers.run: {len(tasks)} tasks for {self.threads} threads")
+        if os.getpid() != self._pid:  # forked: the helpers' threads did not come along
+            self._helpers, self._pid = [], os.getpid()
         while len(self._helpers) < len(tasks) - 1:
             helper = _Helper()
             weakref.finalize(self, helper.stop)
