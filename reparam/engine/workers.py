@@ -17,12 +17,10 @@ from ..core.checks import FloatArray
 
 __all__ = [
     "PARALLEL_ELEMENTS",
-    "SERIAL",
     "Workers",
     "blas_controller",
     "blas_threads",
     "one_blas_thread",
-    "relu",
     "take",
 ]
 
@@ -93,15 +91,6 @@ class Workers:
             ]
         )
 
-    def relu(self, out: FloatArray, source: FloatArray, *, axis: int) -> None:
-        """``np.maximum(source, 0, out=out)``, split along ``axis``."""
-        self.run(
-            [
-                partial(relu, take(out, axis, a, b), take(source, axis, a, b))
-                for a, b in self.parts(out.shape[axis], out.size)
-            ]
-        )
-
 
 class _Helper:
     """One daemon thread that runs one task at a time, handed over by two locks."""
@@ -150,19 +139,11 @@ def _serve(go: threading.Lock, done: threading.Lock, box: list[Any]) -> None:
         done.release()
 
 
-SERIAL = Workers(1)
-
-
 def take(array: FloatArray, axis: int, start: int, stop: int) -> FloatArray:
     """Return ``array[..., start:stop, ...]`` along ``axis`` (a view)."""
     index: list[slice] = [slice(None)] * array.ndim
     index[axis] = slice(start, stop)
     return array[tuple(index)]
-
-
-def relu(out: FloatArray, source: FloatArray) -> None:
-    """Write ``max(source, 0)`` into ``out``."""
-    np.maximum(source, 0, out=out)
 
 
 _CONTROLLER: list[Any] = []  # threadpoolctl.ThreadpoolController, made on first use
