@@ -868,3 +868,28 @@ def test_a_forked_child_runs_a_threaded_stack_without_the_parents_threads() -> N
     assert done.returncode == 0, (
         f"the forked child's call failed or hung (exit {done.returncode}): {done.stderr[-800:]}"
     )
+
+
+def test_the_models_head_runs_with_blas_pinned_like_the_stack(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """model(x) runs its head inside the stack's BLAS scope: no BLAS helper left spinning."""
+    from reparam.engine import workers
+    from reparam.models import repvgg
+
+    if workers.blas_controller() is None:
+        pytest.skip("threadpoolctl is not installed: the stack leaves the threads to BLAS")
+    deploy = repvgg.RepVGG.create("A0", num_classes=10, seed=0, dtype=np.float32).reparameterize()
+    if deploy._fast_stack._workers.threads == 1:
+        pytest.skip("BLAS has one thread here: nothing is pinned")
+    seen: list[int] = []
+    original = repvgg.Head.__call__
+
+    def spy(self: Any, features: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        seen.append(workers.blas_threads())
+        return original(self, features)
+
+    monkeypatch.setattr(repvgg.Head, "__call__", spy)
+    deploy(np.zeros((1, 3, 32, 32), np.float32))
+    assert seen == [1], f"the head must run with BLAS on one thread; BLAS had {seen}"
+    assert workers.blas_threads() > 1, "BLAS's threads must be restored after the call"
