@@ -2,9 +2,13 @@
 
 A block is data. Leaves are the maps a train-form block is made of:
 
-- :class:`Conv` (kernel, optional bias, stride, padding per side, groups; a
-  negative padding crops),
+- :class:`Conv` (kernel, optional bias, stride, padding per side, groups,
+  dilation; a negative padding crops),
+- :class:`Linear` (a fully connected layer: a 1x1 convolution applied at every
+  pixel, or to ``(N, C)`` features),
 - :class:`Norm` (an inference BatchNorm),
+- :class:`Scale` (``x * scale + bias`` with a scalar or a per-channel scale,
+  negative values included: a layer scale, a negated branch, a constant added),
 - :class:`AvgPool` (size, stride, padding, ``count_include_pad``),
 - :class:`Identity`,
 - :class:`Pad` (padding with a value per channel, as Diverse Branch Block's
@@ -27,8 +31,14 @@ The laws :func:`fold` applies, each derived in the docs:
 
 - every leaf is an affine map ``conv(pad(x), W) + b``: a BatchNorm is the
   depthwise 1x1 kernel ``gamma / sqrt(var + eps)`` with bias
-  ``beta - mean * gamma / sqrt(var + eps)``, an average pool the depthwise
-  ``1 / (kH kW)`` kernel, the identity the depthwise kernel 1;
+  ``beta - mean * gamma / sqrt(var + eps)``, a scale the depthwise 1x1 kernel
+  ``scale`` with its bias, an average pool the depthwise ``1 / (kH kW)``
+  kernel, the identity the depthwise kernel 1, a linear layer the 1x1 kernel
+  ``W[:, :, None, None]``;
+- *dilation*: a kernel of ``k`` taps at dilation ``r`` is the undilated kernel
+  of ``r (k - 1) + 1`` taps with ``r - 1`` zeros between its taps; branches of
+  one dilation whose windows line up on its grid stay dilated, others are
+  written out undilated and summed at the centre;
 - *parallel*: kernels placed so that their input windows line up (centred for
   odd kernels, shifted where a branch pads asymmetrically or crops) and
   summed, biases summed; branches of different groups are summed at the
@@ -40,13 +50,18 @@ The laws :func:`fold` applies, each derived in the docs:
   map's output at zero input (zero padding before a map with a bias does not
   qualify: that is the border error of reimplementations of DBB); a crop moves
   across any map (scaled by its stride).
+
+A refusal is a :class:`FoldError` whose :attr:`~FoldError.node` is the node
+at which the tree stops being one convolution (the map whose padding cannot
+move, the sum whose branches disagree, the nonlinearity), so that a caller
+can split the tree there.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -61,13 +76,16 @@ from .params import BatchNorm, ConvBias
 __all__ = [
     "AvgPool",
     "Conv",
+    "FoldError",
     "FoldedConv",
     "Identity",
+    "Linear",
     "Node",
     "Norm",
     "Pad",
     "Parallel",
     "ReLU",
+    "Scale",
     "Sequential",
     "evaluate",
     "fold",
@@ -106,13 +124,16 @@ class Conv:
     padding : int, (int, int) or ((int, int), (int, int)), default 0
         Zero padding per side; a negative side crops the input.
     groups : int, default 1
+    dilation : int or (int, int), default 1
+        Spacing between the kernel's taps: ``k`` taps at dilation ``r`` span
+        ``r (k - 1) + 1`` input pixels.
     name : str, default ""
         Shown in error messages (e.g. the state-dict prefix ``"rbr_dense.conv"``).
 
     Raises
     ------
     ReparamError
-        On a malformed kernel, bias, stride, padding or groups.
+        On a malformed kernel, bias, stride, padding, groups or dilation.
     """
 
     kernel: FloatArray
@@ -120,6 +141,7 @@ class Conv:
     stride: tuple[int, int] = (1, 1)
     padding: Pads = _ZERO_PADS
     groups: int = 1
+    dilation: tuple[int, int] = (1, 1)
     name: str = ""
 
     def __init__(
@@ -130,6 +152,7 @@ class Conv:
         stride: int | tuple[int, int] = 1,
         padding: int | tuple[int, int] | Pads = 0,
         groups: int = 1,
+        dilation: int | tuple[int, int] = 1,
         name: str = "",
     ) -> None:
         func = f"Conv {name!r}" if name else "Conv"
@@ -154,6 +177,12 @@ class Conv:
         object.__setattr__(self, "stride", int_pair(stride, func=func, name="stride", minimum=1))
         object.__setattr__(self, "padding", normalize_padding(padding, func=func))
         object.__setattr__(self, "groups", groups)
+        spacing = int_pair(dilation, func=func, name="dilation", minimum=1)
+        # a single tap has no spacing: dilation along an axis of one tap changes nothing
+        taps = weights.shape[2:]
+        object.__setattr__(
+            self, "dilation", (spacing[0] if taps[0] > 1 else 1, spacing[1] if taps[1] > 1 else 1)
+        )
         object.__setattr__(self, "name", name)
 
     @property
@@ -165,6 +194,165 @@ class Conv:
     def out_channels(self) -> int:
         """``C_out = kernel.shape[0]``."""
         return int(self.kernel.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class Linear:
+    """A fully connected layer ``x @ weight.T + bias``, applied to the channels of every pixel.
+
+    On an ``(N, C, H, W)`` batch it is the 1x1 convolution with kernel
+    ``weight[:, :, None, None]``; :func:`evaluate` and :class:`FoldedConv` also
+    take ``(N, C)`` features, as a classifier head sees them (PyTorch's
+    ``nn.Linear``, ONNX's ``Gemm`` with ``transB=1``).
+
+    Parameters
+    ----------
+    weight : array_like, shape (C_out, C_in)
+    bias : array_like, shape (C_out,), optional
+    name : str, default ""
+
+    Raises
+    ------
+    ReparamError
+        On a weight that is not 2-D or a bias of the wrong length.
+    """
+
+    weight: FloatArray
+    bias: FloatArray | None
+    name: str
+
+    def __init__(
+        self, weight: npt.ArrayLike, bias: npt.ArrayLike | None = None, *, name: str = ""
+    ) -> None:
+        func = f"Linear {name!r}" if name else "Linear"
+        matrix = as_float_array(weight, func=func, name="weight", ndim=2)
+        object.__setattr__(self, "weight", _frozen(matrix))
+        vector = None
+        if bias is not None:
+            vector = as_float_array(bias, func=func, name="bias", ndim=1)
+            if vector.shape[0] != matrix.shape[0]:
+                raise ReparamError(
+                    f"{func}: bias has the wrong length; got {vector.shape[0]}, expected "
+                    f"{matrix.shape[0]} (weight.shape[0])"
+                )
+            vector = _frozen(vector)
+        object.__setattr__(self, "bias", vector)
+        object.__setattr__(self, "name", name)
+
+    @property
+    def in_channels(self) -> int:
+        """``weight.shape[1]``."""
+        return int(self.weight.shape[1])
+
+    @property
+    def out_channels(self) -> int:
+        """``weight.shape[0]``."""
+        return int(self.weight.shape[0])
+
+    def as_conv(self) -> Conv:
+        """Return the same map as a 1x1 :class:`Conv`."""
+        return Conv(self.weight[:, :, None, None], self.bias, name=self.name)
+
+
+@dataclass(frozen=True, eq=False)
+class Scale:
+    """A channelwise affine map ``x * scale + bias``, per channel or one number for all.
+
+    A layer scale (``gamma * branch``), a negated branch (``scale=-1``), a
+    division by a constant (``scale=1 / c``), a constant added or subtracted
+    (``scale=1, bias=c``): each is the depthwise 1x1 kernel ``scale`` with bias
+    ``bias``.
+
+    Parameters
+    ----------
+    scale : float or array_like, shape (C,)
+        Any finite values, negative and zero included. A number (0-d) takes
+        the dtype of the data, as a Python float does under NumPy's promotion.
+    bias : float or array_like, shape (C,), optional
+    channels : int, optional
+        Required when neither ``scale`` nor ``bias`` is a per-channel vector.
+    name : str, default ""
+
+    Raises
+    ------
+    ReparamError
+        On a non-finite value, vectors of different lengths, or no way to
+        know the channels.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> negated = Sequential(Conv(np.ones((2, 2, 1, 1))), Scale(-1.0, channels=2))
+    >>> tree = Parallel(Identity(2), negated)
+    >>> fold(tree).kernel[:, :, 0, 0]
+    array([[ 0., -1.],
+           [-1.,  0.]])
+    """
+
+    scale: FloatArray
+    bias: FloatArray | None
+    channels: int
+    name: str
+
+    def __init__(
+        self,
+        scale: float | npt.ArrayLike,
+        bias: float | npt.ArrayLike | None = None,
+        *,
+        channels: int | None = None,
+        name: str = "",
+    ) -> None:
+        func = f"Scale {name!r}" if name else "Scale"
+        arrays = {"scale": _scalar_or_vector(scale, func=func, name="scale")}
+        if bias is not None:
+            arrays["bias"] = _scalar_or_vector(bias, func=func, name="bias")
+        lengths = {key: int(a.shape[0]) for key, a in arrays.items() if a.ndim == 1}
+        if channels is not None:
+            channels = positive_int(channels, func=func, name="channels")
+            lengths["channels"] = channels
+        if not lengths:
+            raise ReparamError(
+                f"{func}: the channels are unknown; give channels=C with a scalar scale and bias"
+            )
+        if len(set(lengths.values())) != 1:
+            raise ReparamError(
+                f"{func}: scale, bias and channels disagree on the channel count; got "
+                + ", ".join(f"{key} {value}" for key, value in lengths.items())
+            )
+        object.__setattr__(self, "scale", _frozen(arrays["scale"]))
+        object.__setattr__(self, "bias", _frozen(arrays["bias"]) if "bias" in arrays else None)
+        object.__setattr__(self, "channels", next(iter(lengths.values())))
+        object.__setattr__(self, "name", name)
+
+    @property
+    def in_channels(self) -> int:
+        """``channels``."""
+        return self.channels
+
+    out_channels = in_channels
+
+    def vectors(self) -> tuple[FloatArray, FloatArray]:
+        """Return ``(scale, bias)`` as float64 vectors of length ``channels``."""
+        scale = np.broadcast_to(self.scale.astype(np.float64), (self.channels,)).copy()
+        bias = np.zeros(self.channels)
+        if self.bias is not None:
+            bias += self.bias.astype(np.float64)
+        return scale, bias
+
+
+def _scalar_or_vector(value: Any, *, func: str, name: str) -> FloatArray:
+    array = np.asarray(value)
+    if array.dtype.kind in "iub":
+        array = array.astype(np.float64)
+    checked = as_float_array(array, func=func, name=name)
+    if checked.ndim > 1:
+        raise ReparamError(
+            f"{func}: {name} must be a number or a vector of one value per channel; got shape "
+            f"{checked.shape}"
+        )
+    if not np.isfinite(checked).all():
+        raise ReparamError(f"{func}: {name} must be finite; got {checked}")
+    return checked
 
 
 @dataclass(frozen=True, eq=False)
@@ -396,8 +584,10 @@ class Sequential:
         return next((s.out_channels for s in reversed(self.steps) if _known(s.out_channels)), None)
 
 
-Node: TypeAlias = Conv | Norm | Identity | AvgPool | Pad | ReLU | Parallel | Sequential
-_NODE_TYPES = (Conv, Norm, Identity, AvgPool, Pad, ReLU, Parallel, Sequential)
+Node: TypeAlias = (
+    Conv | Linear | Norm | Scale | Identity | AvgPool | Pad | ReLU | Parallel | Sequential
+)
+_NODE_TYPES = (Conv, Linear, Norm, Scale, Identity, AvgPool, Pad, ReLU, Parallel, Sequential)
 
 
 def _check_nodes(nodes: tuple[Any, ...], *, func: str) -> None:
@@ -405,7 +595,8 @@ def _check_nodes(nodes: tuple[Any, ...], *, func: str) -> None:
         if not isinstance(node, _NODE_TYPES):
             raise ReparamError(
                 f"{func}: item {index} is a {type(node).__name__}; expected a node of the "
-                "algebra (Conv, Norm, Identity, AvgPool, Pad, ReLU, Parallel, Sequential)"
+                "algebra (Conv, Linear, Norm, Scale, Identity, AvgPool, Pad, ReLU, Parallel, "
+                "Sequential)"
             )
 
 
@@ -430,6 +621,12 @@ def _arrays(node: Node) -> list[FloatArray]:
             found.append(leaf.kernel)
             if leaf.bias is not None:
                 found.append(leaf.bias)
+        elif isinstance(leaf, Linear):
+            found.append(leaf.weight)
+            if leaf.bias is not None:
+                found.append(leaf.bias)
+        elif isinstance(leaf, Scale):  # a number takes the data's dtype, as a Python float does
+            found += [a for a in (leaf.scale, leaf.bias) if a is not None and a.ndim == 1]
         elif isinstance(leaf, Norm):
             found += [leaf.bn.gamma, leaf.bn.beta, leaf.bn.mean, leaf.bn.var]
         elif isinstance(leaf, Pad) and leaf.value is not None:
@@ -453,11 +650,12 @@ def evaluate(tree: Node, x: npt.ArrayLike) -> FloatArray:
     Parameters
     ----------
     tree : Node
-    x : array_like, shape (N, C_in, H, W)
+    x : array_like, shape (N, C_in, H, W) or (N, C_in)
+        Features ``(N, C_in)`` are pixels of a 1x1 image (a classifier head).
 
     Returns
     -------
-    ndarray, shape (N, C_out, H_out, W_out)
+    ndarray, shape (N, C_out, H_out, W_out) or (N, C_out)
         In ``np.result_type`` of ``x`` and the tree's arrays, computed as a
         framework would: each leaf in that dtype.
 
@@ -476,8 +674,8 @@ def evaluate(tree: Node, x: npt.ArrayLike) -> FloatArray:
     """
     func = "evaluate"
     node = _check_tree(tree, func=func)
-    inputs = as_float_array(x, func=func, name="x", ndim=4)
-    return _evaluate(node, inputs, absolute=False)
+    inputs, features = _as_batch(x, func=func)
+    return _as_output(_evaluate(node, inputs, absolute=False), features, func=func)
 
 
 def magnitude(tree: Node, x: npt.ArrayLike) -> FloatArray:
@@ -489,19 +687,46 @@ def magnitude(tree: Node, x: npt.ArrayLike) -> FloatArray:
     Parameters
     ----------
     tree : Node
-    x : array_like, shape (N, C_in, H, W)
+    x : array_like, shape (N, C_in, H, W) or (N, C_in)
 
     Returns
     -------
-    ndarray, shape (N, C_out, H_out, W_out), float64
+    ndarray, shape (N, C_out, H_out, W_out) or (N, C_out), float64
         Every leaf applied to absolute values: ``conv(|x|, |W|) + |b|``,
         ``|x| |s| + |mean s| + |beta|`` for a BatchNorm (``s`` its scale),
         pooled ``|x|``, a pad of ``|value|``; branch magnitudes add.
     """
     func = "magnitude"
     node = _check_tree(tree, func=func)
-    inputs = as_float_array(x, func=func, name="x", ndim=4)
-    return _evaluate(node, np.abs(inputs.astype(np.float64)), absolute=True)
+    inputs, features = _as_batch(x, func=func)
+    result = _evaluate(node, np.abs(inputs.astype(np.float64)), absolute=True)
+    return _as_output(result, features, func=func)
+
+
+def _as_batch(x: npt.ArrayLike, *, func: str) -> tuple[FloatArray, bool]:
+    """Return ``x`` as an NCHW batch, and whether it came as ``(N, C)`` features."""
+    inputs = as_float_array(x, func=func, name="x")
+    if inputs.ndim == 2:
+        return inputs[:, :, None, None], True
+    if inputs.ndim != 4:
+        raise ReparamError(
+            f"{func}: x must be 4-D (N, C, H, W) or 2-D features (N, C); got shape "
+            f"{inputs.shape} ({inputs.ndim}-D)"
+        )
+    return inputs, False
+
+
+def _as_output(result: FloatArray, features: bool, *, func: str) -> FloatArray:
+    """Undo :func:`_as_batch`: features stay features when the map keeps one pixel."""
+    if not features:
+        return result
+    if result.shape[2:] != (1, 1):
+        raise ReparamError(
+            f"{func}: x holds (N, C) features, but the map turns one pixel into "
+            f"{result.shape[2]}x{result.shape[3]}; give an (N, C, H, W) batch"
+        )
+    flat: FloatArray = result[:, :, 0, 0].copy()
+    return flat
 
 
 def _evaluate(node: Node, x: FloatArray, *, absolute: bool) -> FloatArray:
@@ -520,7 +745,28 @@ def _evaluate_node(node: Node, x: FloatArray, *, absolute: bool) -> FloatArray:
         if absolute:
             kernel = np.abs(kernel)
             bias = None if bias is None else np.abs(bias)
-        return conv2d(x, kernel, bias, stride=node.stride, padding=node.padding, groups=node.groups)
+        return conv2d(
+            x,
+            kernel,
+            bias,
+            stride=node.stride,
+            padding=node.padding,
+            groups=node.groups,
+            dilation=node.dilation,
+        )
+    if isinstance(node, Linear):
+        return _evaluate_node(node.as_conv(), x, absolute=absolute)
+    if isinstance(node, Scale):
+        _check_channels(node.channels, x, what="scale")
+        scale, bias = node.scale, node.bias
+        if absolute:
+            scale = np.abs(scale)
+            bias = None if bias is None else np.abs(bias)
+        # a number (0-d) multiplies as a Python float: it takes the data's dtype
+        scaled: FloatArray = x * (scale.item() if scale.ndim == 0 else scale[:, None, None])
+        if bias is not None:
+            scaled = scaled + (bias.item() if bias.ndim == 0 else bias[:, None, None])
+        return scaled
     if isinstance(node, Norm):
         if not absolute:
             return batch_norm(x, node.bn)
@@ -595,12 +841,16 @@ class FoldedConv:
     pads : ((int, int), (int, int))
         Zero padding per side ``((top, bottom), (left, right))``; negative crops.
     groups : int
+    dilation : (int, int), default (1, 1)
+        Kept when every convolution of the tree shares it and their taps line
+        up on its grid; otherwise the kernel is written out undilated.
 
     Notes
     -----
     ``conv(x)`` applies it; ``kernel, bias = conv`` unpacks like
     :class:`~reparam.ConvBias`; :attr:`padding` is the ``(ph, pw)`` pair that
-    deep-learning frameworks take, defined when the padding is symmetric.
+    deep-learning frameworks take, defined when the padding is symmetric;
+    :meth:`as_linear` gives the fully connected layer when the conv is one.
     """
 
     kernel: FloatArray
@@ -608,6 +858,7 @@ class FoldedConv:
     stride: tuple[int, int]
     pads: Pads
     groups: int
+    dilation: tuple[int, int] = (1, 1)
 
     @property
     def padding(self) -> tuple[int, int]:
@@ -637,10 +888,42 @@ class FoldedConv:
         return int(self.kernel.shape[0])
 
     def __call__(self, x: npt.ArrayLike) -> FloatArray:
-        """Apply the convolution to ``x`` of shape (N, C_in, H, W)."""
-        return conv2d(
-            x, self.kernel, self.bias, stride=self.stride, padding=self.pads, groups=self.groups
+        """Apply the convolution to ``x`` of shape (N, C_in, H, W) or features (N, C_in)."""
+        func = "FoldedConv"
+        inputs, features = _as_batch(x, func=func)
+        result = conv2d(
+            inputs,
+            self.kernel,
+            self.bias,
+            stride=self.stride,
+            padding=self.pads,
+            groups=self.groups,
+            dilation=self.dilation,
         )
+        return _as_output(result, features, func=func)
+
+    def as_linear(self) -> tuple[FloatArray, FloatArray]:
+        """Return ``(weight, bias)`` of the fully connected layer this convolution is.
+
+        Returns
+        -------
+        weight : ndarray, shape (C_out, C_in)
+            Zero between groups when ``groups > 1``.
+        bias : ndarray, shape (C_out,)
+
+        Raises
+        ------
+        ReparamError
+            If the kernel is not 1x1 at stride 1 without padding.
+        """
+        if self.kernel.shape[2:] != (1, 1) or self.stride != (1, 1) or self.pads != _ZERO_PADS:
+            raise ReparamError(
+                "FoldedConv.as_linear: a fully connected layer is a 1x1 convolution at stride 1 "
+                f"without padding; got a {self.kernel.shape[2]}x{self.kernel.shape[3]} kernel, "
+                f"stride {self.stride}, pads {self.pads}"
+            )
+        weight = _regroup(self.kernel, self.groups, 1)[:, :, 0, 0].copy()
+        return weight, self.bias.copy()
 
     def __iter__(self) -> Iterator[FloatArray]:
         """Unpack as ``kernel, bias``."""
@@ -658,16 +941,19 @@ class FoldedConv:
             self.stride,
             self.pads,
             self.groups,
+            self.dilation,
         )
 
 
 @dataclass
 class _Affine:
-    """A folded subtree in float64: ``conv(pad(x, value), kernel, stride, groups) + bias``.
+    """A folded subtree in float64: ``conv(pad(x, value), kernel, stride, groups, dilation) + b``.
 
     ``scale`` is set instead of ``kernel`` for a channelwise map (a depthwise
-    1x1 kernel at stride 1: BatchNorm, identity), so composing with it costs
-    one multiplication per kernel entry instead of a matrix product.
+    1x1 kernel at stride 1: BatchNorm, identity, scale), so composing with it
+    costs one multiplication per kernel entry instead of a matrix product.
+    ``entry`` is the leaf that reads the subtree's input: a refusal to compose
+    after this subtree names the entry of what follows it.
     """
 
     bias: FloatArray
@@ -679,6 +965,8 @@ class _Affine:
     kernel: FloatArray | None = None
     scale: FloatArray | None = None
     name: str = field(default="")
+    dilation: tuple[int, int] = (1, 1)
+    entry: Node | None = None
 
     @property
     def out_channels(self) -> int:
@@ -686,13 +974,31 @@ class _Affine:
 
     @property
     def size(self) -> tuple[int, int]:
+        """Taps of the kernel (at its dilation)."""
         if self.kernel is None:
             return (1, 1)
         return (int(self.kernel.shape[2]), int(self.kernel.shape[3]))
 
     @property
+    def span(self) -> tuple[int, int]:
+        """Input pixels the kernel covers per axis: ``r (k - 1) + 1``."""
+        return (
+            self.dilation[0] * (self.size[0] - 1) + 1,
+            self.dilation[1] * (self.size[1] - 1) + 1,
+        )
+
+    @property
     def pointwise(self) -> bool:
         return self.size == (1, 1) and self.stride == (1, 1)
+
+    def undilated(self) -> _Affine:
+        """Return the same map with its kernel written out at dilation 1 (zeros between taps)."""
+        if self.dilation == (1, 1) or self.kernel is None:
+            return self
+        rate_h, rate_w = self.dilation
+        kernel = np.zeros((*self.kernel.shape[:2], *self.span), dtype=self.kernel.dtype)
+        kernel[:, :, ::rate_h, ::rate_w] = self.kernel
+        return replace(self, kernel=kernel, dilation=(1, 1))
 
     def full_kernel(self, groups: int) -> FloatArray:
         """Write the kernel out at ``groups`` (which must divide ``self.groups``)."""
@@ -728,7 +1034,26 @@ def _regroup(kernel: FloatArray, groups: int, target: int) -> FloatArray:
     return result
 
 
-class _FoldError(ReparamError):
+class FoldError(ReparamError):
+    """:func:`fold` refused a tree: it is not one convolution.
+
+    Attributes
+    ----------
+    node : Node or None
+        Where the tree stops being one convolution: the map whose padding
+        cannot move to the input (split the tree before it), the
+        :class:`Parallel` whose branches cannot be summed, the nonlinearity,
+        the pool that excludes padding from its divisor.
+    """
+
+    __module__ = "reparam.core.algebra"
+
+    def __init__(self, message: str, *, node: Node | None = None) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+class _FoldError(FoldError):
     """Raised inside the fold; the public entry point adds the function name."""
 
 
@@ -748,13 +1073,15 @@ def fold(tree: Node) -> FoldedConv:
 
     Raises
     ------
-    ReparamError
-        Naming the node and the reason the tree is not one convolution: a
-        nonlinearity, branches with different strides or output sizes, a
-        padding between two maps that cannot move to the input (after a
-        kxk or strided map, or with a value other than the previous map's
-        output at zero input), an average pool that excludes padding from
-        its divisor, or a non-zero padding value left at the input.
+    FoldError
+        A :class:`~reparam.ReparamError` naming the node and the reason the
+        tree is not one convolution: a nonlinearity, branches with different
+        strides or output sizes, a padding between two maps that cannot move
+        to the input (after a kxk or strided map, or with a value other than
+        the previous map's output at zero input: zero padding after a
+        BatchNorm changes the border), an average pool that excludes padding
+        from its divisor, or a non-zero padding value left at the input. Its
+        ``node`` attribute is that node.
 
     Examples
     --------
@@ -773,11 +1100,12 @@ def fold(tree: Node) -> FoldedConv:
     try:
         folded = _fold(node)
     except _FoldError as exc:
-        raise ReparamError(f"{func}: {exc}") from None
+        raise FoldError(f"{func}: {exc}", node=exc.node) from None
     if folded.pad_value is not None:
-        raise ReparamError(
+        raise FoldError(
             f"{func}: the tree pads its input with non-zero values {folded.pad_value}; a "
-            "convolution pads with zeros"
+            "convolution pads with zeros",
+            node=folded.entry,
         )
     arrays = _arrays(node)
     dtype = np.result_type(*arrays) if arrays else np.dtype(np.float64)
@@ -788,6 +1116,7 @@ def fold(tree: Node) -> FoldedConv:
         folded.stride,
         folded.pads,
         folded.groups,
+        folded.dilation,
     )
 
 
@@ -802,17 +1131,15 @@ def _fold(node: Node) -> _Affine:
             pads=node.padding,
             kernel=node.kernel,  # promoted to float64 by the first arithmetic on it
             name=_describe(node),
+            dilation=node.dilation,
+            entry=node,
         )
-    if isinstance(node, Norm):
-        scale = node.bn.scale(np.float64)
-        bias = node.bn.beta.astype(np.float64) - node.bn.mean.astype(np.float64) * scale
-        channels = node.bn.channels
-        return _Affine(bias, channels, channels, scale=scale, name=_describe(node))
-    if isinstance(node, Identity):
-        channels = node.channels
-        return _Affine(
-            np.zeros(channels), channels, channels, scale=np.ones(channels), name=_describe(node)
-        )
+    if isinstance(node, Linear):
+        return replace(_fold(node.as_conv()), name=_describe(node), entry=node)
+    if isinstance(node, Norm | Scale | Identity):
+        scale, shift = _channelwise(node)
+        channels = int(shift.shape[0])
+        return _Affine(shift, channels, channels, scale=scale, name=_describe(node), entry=node)
     if isinstance(node, AvgPool):
         return _fold_pool(node)
     if isinstance(node, Pad):
@@ -820,7 +1147,8 @@ def _fold(node: Node) -> _Affine:
     if isinstance(node, ReLU):
         raise _FoldError(
             f"{_describe(node)} is not linear; a tree with a nonlinearity inside is not one "
-            "convolution"
+            "convolution",
+            node=node,
         )
     if isinstance(node, Sequential):
         folded: _Affine | None = None
@@ -836,11 +1164,22 @@ def _fold(node: Node) -> _Affine:
     return _sum([_fold(branch) for branch in node.branches], node)
 
 
+def _channelwise(node: Norm | Scale | Identity) -> tuple[FloatArray, FloatArray]:
+    """Return ``(scale, bias)`` in float64 of a map that scales and shifts each channel."""
+    if isinstance(node, Norm):
+        scale = node.bn.scale(np.float64)
+        return scale, node.bn.beta.astype(np.float64) - node.bn.mean.astype(np.float64) * scale
+    if isinstance(node, Scale):
+        return node.vectors()
+    return np.ones(node.channels), np.zeros(node.channels)
+
+
 def _fold_pool(node: AvgPool) -> _Affine:
     if not node.count_include_pad and any(side > 0 for axis in node.padding for side in axis):
         raise _FoldError(
             f"{_describe(node)} has count_include_pad=False and padding {node.padding}: its "
-            "border divides by fewer pixels than the window, which no convolution does"
+            "border divides by fewer pixels than the window, which no convolution does",
+            node=node,
         )
     channels = node.channels
     kernel = np.full((channels, 1, *node.size), 1.0 / (node.size[0] * node.size[1]))
@@ -852,6 +1191,7 @@ def _fold_pool(node: AvgPool) -> _Affine:
         pads=node.padding,
         kernel=kernel,
         name=_describe(node),
+        entry=node,
     )
 
 
@@ -860,7 +1200,8 @@ def _fold_pad(node: Pad, channels: int | None = None) -> _Affine:
     if size is None:
         raise _FoldError(
             f"{_describe(node)} pads with zeros and nothing before it fixes the channels; "
-            "give the Pad a value vector, or put it after a map with known channels"
+            "give the Pad a value vector, or put it after a map with known channels",
+            node=node,
         )
     return _Affine(
         np.zeros(size),
@@ -872,6 +1213,7 @@ def _fold_pad(node: Pad, channels: int | None = None) -> _Affine:
         else node.value.astype(np.float64),
         scale=np.ones(size),
         name=_describe(node),
+        entry=node,
     )
 
 
@@ -899,7 +1241,8 @@ def _move_pads(first: _Affine, second: _Affine) -> Pads:
             raise _FoldError(
                 f"{second.name} pads by {second.pads} after {first.name}, a "
                 f"{first.size[0]}x{first.size[1]} map at stride {first.stride}; padding after "
-                "such a map is not padding of its input, so the sequence is not one convolution"
+                "such a map is not padding of its input, so the sequence is not one convolution",
+                node=second.entry,
             )
         produced = _at_zero(first)
         wanted = np.zeros(first.out_channels) if second.pad_value is None else second.pad_value
@@ -913,7 +1256,8 @@ def _move_pads(first: _Affine, second: _Affine) -> Pads:
                 f"input is {produced[channel]:.6g} at channel {channel} (padding value "
                 f"{wanted[channel]:.6g}): the border would differ from the one conv. Pad with "
                 "the previous map's output at zero input (as Diverse Branch Block's "
-                "BNAndPadLayer does) for the sequence to be one convolution"
+                "BNAndPadLayer does) for the sequence to be one convolution",
+                node=second.entry,
             )
     pads = []
     for axis, stride in enumerate(first.stride):
@@ -923,7 +1267,8 @@ def _move_pads(first: _Affine, second: _Affine) -> Pads:
             if after > 0 and before < 0:
                 raise _FoldError(
                     f"{second.name} pads after {first.name} crops; cropping then padding is not "
-                    "one padding"
+                    "one padding",
+                    node=second.entry,
                 )
             sides.append(before + after * (stride if after < 0 else 1))
         pads.append((sides[0], sides[1]))
@@ -935,7 +1280,8 @@ def _compose(first: _Affine, second: _Affine) -> _Affine:
     if first.out_channels != second.in_channels:
         raise _FoldError(
             f"{second.name} takes {second.in_channels} channels but {first.name} gives "
-            f"{first.out_channels}"
+            f"{first.out_channels}",
+            node=second.entry,
         )
     pads = _move_pads(first, second)
     name = f"{first.name} then {second.name}"
@@ -946,13 +1292,13 @@ def _compose(first: _Affine, second: _Affine) -> _Affine:
         if first.scale is not None:
             return _Affine(
                 bias, first.groups, first.in_channels, first.stride, pads, pad_value,
-                scale=first.scale * scale, name=name,
+                scale=first.scale * scale, name=name, entry=first.entry,
             )  # fmt: skip
         assert first.kernel is not None
         kernel = first.kernel * scale[:, None, None, None]
         return _Affine(
             bias, first.groups, first.in_channels, first.stride, pads, pad_value, kernel,
-            name=name,
+            name=name, dilation=first.dilation, entry=first.entry,
         )  # fmt: skip
     if first.scale is not None and first.stride == (1, 1):
         second_kernel = second.full_kernel(second.groups)
@@ -964,13 +1310,16 @@ def _compose(first: _Affine, second: _Affine) -> _Affine:
         bias = second.bias + np.einsum("oihw,oi->o", second_kernel, first.bias[channel])
         return _Affine(
             bias, second.groups, first.in_channels, second.stride, pads, pad_value, kernel,
-            name=name,
+            name=name, dilation=second.dilation, entry=first.entry,
         )  # fmt: skip
-    return _compose_general(first, second, pads, name)
+    return _compose_general(first.undilated(), second.undilated(), pads, name)
 
 
 def _compose_general(first: _Affine, second: _Affine, pads: Pads, name: str) -> _Affine:
-    """Per group: ``W[o, i, s1 v + u] = sum_m W2[o, m, v] W1[m, i, u]``; strides multiply."""
+    """Per group: ``W[o, i, s1 v + u] = sum_m W2[o, m, v] W1[m, i, u]``; strides multiply.
+
+    Both kernels are undilated (a dilated kernel is written out with zeros first).
+    """
     groups = math.gcd(first.groups, second.groups)
     inner = first.full_kernel(groups).astype(np.float64, copy=False)  # (M, I/G, a_h, a_w)
     outer = second.full_kernel(groups).astype(np.float64, copy=False)  # (O, M/G, b_h, b_w)
@@ -1000,51 +1349,79 @@ def _compose_general(first: _Affine, second: _Affine, pads: Pads, name: str) -> 
         first.pad_value,
         kernel.reshape(-1, *kernel.shape[2:]),
         name=name,
+        entry=first.entry,
     )
 
 
 def _sum(parts: list[_Affine], node: Parallel) -> _Affine:
-    """Align the branches' windows, write them at the common groups, and add."""
+    """Align the branches' windows, write them at the common groups and dilation, and add."""
     where = _describe(node)
     strides = {part.stride for part in parts}
     if len(strides) != 1:
         raise _FoldError(
             f"{where}: branches have different strides "
             + ", ".join(f"{p.name} {p.stride}" for p in parts)
-            + "; only branches of one stride sum to one convolution"
+            + "; only branches of one stride sum to one convolution",
+            node=node,
         )
     values = [p.pad_value for p in parts]
     if any(v is not None for v in values):
         raise _FoldError(
             f"{where}: a branch pads its input with non-zero values; branches sum to one "
-            "convolution only when each pads with zeros (or its padding moves, see Pad)"
+            "convolution only when each pads with zeros (or its padding moves, see Pad)",
+            node=node,
         )
     extents = []
     for axis in range(2):
-        spans = {p.pads[axis][0] + p.pads[axis][1] - p.size[axis] for p in parts}
+        spans = {p.pads[axis][0] + p.pads[axis][1] - p.span[axis] for p in parts}
         if len(spans) != 1:
             raise _FoldError(
                 f"{where}: branches give different output sizes ("
-                + ", ".join(f"{p.name}: {p.size[axis]} taps, padding {p.pads[axis]}" for p in parts)
+                + ", ".join(f"{p.name}: {p.span[axis]} taps, padding {p.pads[axis]}" for p in parts)
                 + f" along {'height' if axis == 0 else 'width'}); each needs "
-                "padding_before + padding_after - kernel_size to agree"
+                "padding_before + padding_after - kernel_span to agree",
+                node=node,
             )
         before = max(p.pads[axis][0] for p in parts)
-        size = max(before - p.pads[axis][0] + p.size[axis] for p in parts)
+        size = max(before - p.pads[axis][0] + p.span[axis] for p in parts)
         extents.append((before, size, spans.pop() + size - before))
+    rate = _common_dilation(parts, (extents[0][0], extents[1][0]))
+    if rate == (1, 1):
+        parts = [part.undilated() for part in parts]
     groups = math.gcd(*(p.groups for p in parts))
     first = parts[0]
     per_group = first.in_channels // groups
-    kernel = np.zeros((first.out_channels, per_group, extents[0][1], extents[1][1]))
+    taps = [(extents[axis][1] - 1) // rate[axis] + 1 for axis in range(2)]
+    kernel = np.zeros((first.out_channels, per_group, *taps))
     bias = np.zeros(first.out_channels)
     for part in parts:
-        top = extents[0][0] - part.pads[0][0]
-        left = extents[1][0] - part.pads[1][0]
+        top = (extents[0][0] - part.pads[0][0]) // rate[0]
+        left = (extents[1][0] - part.pads[1][0]) // rate[1]
         height, width = part.size
         kernel[:, :, top : top + height, left : left + width] += part.full_kernel(groups)
         bias += part.bias
     pads = ((extents[0][0], extents[0][2]), (extents[1][0], extents[1][2]))
-    return _Affine(bias, groups, first.in_channels, first.stride, pads, None, kernel, name=where)
+    return _Affine(
+        bias, groups, first.in_channels, first.stride, pads, None, kernel, name=where,
+        dilation=rate, entry=node,
+    )  # fmt: skip
+
+
+def _common_dilation(parts: list[_Affine], before: tuple[int, int]) -> tuple[int, int]:
+    """Return the dilation the sum keeps: the branches' one rate, if every tap is on its grid.
+
+    A kernel of one tap along an axis fits any rate; otherwise branches of
+    different rates, or windows offset by other than a multiple of the rate,
+    are summed undilated: ``(1, 1)``.
+    """
+    rate = []
+    for axis in range(2):
+        rates = {p.dilation[axis] for p in parts if p.size[axis] > 1}
+        common = rates.pop() if len(rates) == 1 else 1
+        if len(rates) > 0 or any((before[axis] - p.pads[axis][0]) % common for p in parts):
+            return (1, 1)
+        rate.append(common)
+    return (rate[0], rate[1])
 
 
 # --------------------------------------------------------------------------- counts
@@ -1068,9 +1445,10 @@ def output_size(tree: Node, height: int, width: int) -> tuple[int, int]:
 def _output_size(node: Node, size: tuple[int, int]) -> tuple[int, int]:
     if isinstance(node, Conv | AvgPool):
         taps = node.kernel.shape[2:] if isinstance(node, Conv) else node.size
+        rates = node.dilation if isinstance(node, Conv) else (1, 1)
         result = tuple(
-            conv_output_size(n, k, stride=s, padding=p)
-            for n, k, s, p in zip(size, taps, node.stride, node.padding, strict=True)
+            conv_output_size(n, k, stride=s, padding=p, dilation=r)
+            for n, k, s, p, r in zip(size, taps, node.stride, node.padding, rates, strict=True)
         )
     elif isinstance(node, Pad):
         result = tuple(n + p[0] + p[1] for n, p in zip(size, node.padding, strict=True))
@@ -1095,7 +1473,10 @@ def _output_size(node: Node, size: tuple[int, int]) -> tuple[int, int]:
 
 
 def num_parameters(tree: Node) -> int:
-    """Trainable parameters: kernels, biases and BatchNorm gamma and beta (no running stats).
+    """Trainable parameters: kernels, linear weights, biases, scales, BatchNorm gamma and beta.
+
+    Running statistics do not count; a scale counts its entries as given (a
+    number counts one).
 
     Examples
     --------
@@ -1107,6 +1488,10 @@ def num_parameters(tree: Node) -> int:
     for leaf in _walk(_check_tree(tree, func="num_parameters")):
         if isinstance(leaf, Conv):
             total += leaf.kernel.size + (0 if leaf.bias is None else leaf.bias.size)
+        elif isinstance(leaf, Linear):
+            total += leaf.weight.size + (0 if leaf.bias is None else leaf.bias.size)
+        elif isinstance(leaf, Scale):
+            total += leaf.scale.size + (0 if leaf.bias is None else leaf.bias.size)
         elif isinstance(leaf, Norm):
             total += 2 * leaf.bn.channels
     return int(total)
@@ -1117,7 +1502,8 @@ def multiply_adds(tree: Node, height: int, width: int) -> int:
 
     Each convolution counts ``kernel.size * H_out * W_out``; an average pool
     counts its additions, ``C * kH * kW * H_out * W_out``; BatchNorms and
-    identities count nothing (the convention of the RepVGG paper).
+    identities count nothing (the convention of the RepVGG paper); a linear
+    layer counts ``C_out * C_in`` per pixel; scales count nothing.
     """
     func = "multiply_adds"
     node = _check_tree(tree, func=func)
@@ -1130,6 +1516,8 @@ def _multiply_adds(node: Node, size: tuple[int, int]) -> int:
     if isinstance(node, Conv):
         out_h, out_w = _output_size(node, size)
         return int(node.kernel.size * out_h * out_w)
+    if isinstance(node, Linear):
+        return int(node.weight.size * size[0] * size[1])
     if isinstance(node, AvgPool):
         out_h, out_w = _output_size(node, size)
         return node.channels * node.size[0] * node.size[1] * out_h * out_w
