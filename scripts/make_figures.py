@@ -19,6 +19,8 @@ from matplotlib.axes import Axes
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 
 from reparam import BatchNorm, fuse_bn, identity_kernel, pad_kernel, sum_branches
+from reparam.graph.fold import fold_graph
+from reparam.graph.ir import Graph, Op
 
 FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"
 DPI = 110
@@ -203,11 +205,103 @@ def figure_block_diagram() -> None:
     plt.close(fig)
 
 
+def graph_example() -> Graph:
+    """The graph of docs/graph.md: a RepVGG block, then a block with a ReLU inside a branch."""
+    rng = np.random.default_rng(3)
+    constants: dict[str, np.ndarray] = {}
+    ops: list[Op] = []
+    channels = 4
+
+    def const(name: str, value: np.ndarray) -> str:
+        constants[name] = value
+        return name
+
+    def conv(name: str, x: str, k: int) -> str:
+        weight = const(f"{name}.weight", rng.standard_normal((channels, channels, k, k)))
+        pads = ((k // 2, k // 2), (k // 2, k // 2))
+        attrs = {"stride": (1, 1), "pads": pads, "groups": 1, "dilation": (1, 1)}
+        ops.append(Op(name, "conv", (x, weight), (name,), attrs, label=f"Conv {k}x{k}"))
+        return name
+
+    def bn(name: str, x: str) -> str:
+        stats = [rng.uniform(0.5, 2, channels), rng.standard_normal(channels),
+                 rng.standard_normal(channels), rng.uniform(0.5, 2, channels)]  # fmt: skip
+        inputs = (x, *(const(f"{name}.{i}", v) for i, v in enumerate(stats)))
+        ops.append(Op(name, "batch_norm", inputs, (name,), {"eps": 1e-5}, label="BN"))
+        return name
+
+    def node(name: str, kind: str, inputs: tuple[str, ...], label: str) -> str:
+        ops.append(Op(name, kind, inputs, (name,), label=label))
+        return name
+
+    a = bn("b1/bn3", conv("b1/conv3", "x", 3))
+    b = bn("b1/bn1", conv("b1/conv1", "x", 1))
+    s = node("b1/add2", "add", (node("b1/add", "add", (a, b), "Add"), bn("b1/bn0", "x")), "Add")
+    y = node("b1/relu", "opaque", (s,), "Relu")
+    inner = node("b2/act", "opaque", (bn("b2/bn1", conv("b2/conv1", y, 1)),), "Relu")
+    c = bn("b2/bn3", conv("b2/conv3", inner, 3))
+    d = bn("b2/bnb", conv("b2/convb", y, 1))
+    out = node("b2/relu", "opaque", (node("b2/add", "add", (c, d), "Add"),), "Relu")
+    return Graph(tuple(ops), ("x",), (out,), constants)
+
+
+def _draw_graph(ax: Axes, graph: Graph, shade: dict[str, str], title: str, rows_shown: int) -> None:
+    """Draw a DAG top to bottom: each op at the depth of its longest path from the input."""
+    producers = graph.producers()
+    depth: dict[str, int] = {}
+    for op in graph.ops:  # the ops are in topological order
+        depth[op.name] = 1 + max(
+            (depth[producers[t].name] for t in op.inputs if t in producers), default=0
+        )
+    rows: dict[int, list[Op]] = {}
+    for op in graph.ops:
+        rows.setdefault(depth[op.name], []).append(op)
+    where = {"x": (0.0, 0.0)}
+    _box(ax, (0.0, 0.0), "input", "white")
+    for level, members in rows.items():
+        for i, op in enumerate(members):
+            centre = (2.6 * (i - (len(members) - 1) / 2), -1.1 * level)
+            where[op.outputs[0]] = centre
+            kernel = op.attrs.get("kernel_shape")
+            text = f"Conv {kernel[2]}x{kernel[3]}" if kernel else op.label
+            _box(ax, centre, text, shade.get(op.name, "white"))
+    for op in graph.ops:
+        end = where[op.outputs[0]]
+        for tensor in op.inputs:
+            if tensor in where:
+                start = where[tensor]
+                _arrow(ax, (start[0], start[1] - 0.31), (end[0], end[1] + 0.31))
+    ax.set_title(title, fontsize=11)
+    ax.set_xlim(-4.6, 4.6)
+    ax.set_ylim(-1.1 * rows_shown - 0.6, 0.6)
+    ax.set_aspect("equal")
+    ax.axis("off")
+
+
+def figure_graph_fold() -> None:
+    graph = graph_example()
+    folded, report = fold_graph(graph)
+    region_colours = ["#cfe2f3", "#fce5cd", "#d9ead3", "#ead1dc"]
+    before: dict[str, str] = {}
+    after: dict[str, str] = {}
+    for region, colour in zip(report.folded, region_colours, strict=False):
+        before.update(dict.fromkeys(region.replaced, colour))
+        after[region.conv.name] = colour
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 7.2), width_ratios=[1, 1])
+    rows = 12
+    _draw_graph(left, graph, before, f"train form: {report.ops_before} ops", rows)
+    _draw_graph(right, folded, after, f"after fold_graph: {report.ops_after} ops", rows)
+    fig.tight_layout()
+    fig.savefig(FIGURES / "graph_fold.png", metadata=PNG_METADATA)
+    plt.close(fig)
+
+
 def main() -> None:
     FIGURES.mkdir(parents=True, exist_ok=True)
     figure_branch_kernels()
     figure_grouped_identity()
     figure_block_diagram()
+    figure_graph_fold()
     for path in sorted(FIGURES.glob("*.png")):
         print(f"{path.name}: {path.stat().st_size / 1024:.0f} KB")
 

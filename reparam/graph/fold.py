@@ -788,7 +788,7 @@ def _apply(
     new_ops: dict[str, Op] = {}
     constants: dict[str, npt.NDArray[Any]] = dict(graph.constants)
     folded = []
-    for plan in plans:
+    for plan in sorted(plans, key=lambda plan: a.order[plan.region.ops[-1].name]):
         name = _unique(_region_name(plan.region), taken)
         weight, bias = _unique(f"{name}.weight", taken), _unique(f"{name}.bias", taken)
         conv = plan.conv
