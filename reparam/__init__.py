@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from .core import (
     BatchNorm,
     ConvBias,
+    FoldError,
     ReparamError,
     batch_norm,
     conv2d,
@@ -65,6 +66,7 @@ __all__ = [
     "BlockSpec",
     "ConvBias",
     "DeployBlock",
+    "FoldError",
     "Head",
     "RepVGG",
     "ReparamError",

@@ -18,6 +18,7 @@ ALLOWED: dict[str, set[str]] = {
     "engine": {"core"},
     "models": {"core", "engine"},
     "checkpoints": {"core", "families", "models"},
+    "graph": {"core", "checkpoints"},  # checkpoints: write_atomic and message helpers
     "export": {"core", "models", "checkpoints"},
     "analysis": {"core", "families", "models", "checkpoints", "export"},
     "cli": {
@@ -26,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
         "engine",
         "models",
         "checkpoints",
+        "graph",
         "export",
         "analysis",
         "top level",

@@ -163,11 +163,23 @@ def _activation_quant(rmin: float, rmax: float) -> ActivationQuant:
     return ActivationQuant(float(_F32(scale)), zero_point)
 
 
-def _weight_scale(weight: FloatArray, *, per_channel: bool) -> npt.NDArray[np.float32]:
-    """Symmetric int8 scales ``max |w| / 127`` (1.0 where a channel is all zero), float32."""
+def _weight_limit(reduce_range: bool) -> int:
+    """The largest weight step: 127, or 64 for onnxruntime's 7-bit ``reduce_range`` (-64..64)."""
+    return 64 if reduce_range else 127
+
+
+def _weight_scale(
+    weight: FloatArray, *, per_channel: bool, reduce_range: bool = False
+) -> npt.NDArray[np.float32]:
+    """Symmetric int8 scales ``max |w| / 127`` (``/ 64`` with ``reduce_range``), float32.
+
+    1.0 where a channel is all zero; computed as onnxruntime's ``compute_scale_zp``
+    does, ``2 max |w| / (q_max - q_min)`` in float64.
+    """
     rows = weight.astype(np.float32).reshape(weight.shape[0] if per_channel else 1, -1)
     absmax = np.abs(rows).max(axis=1)
-    scale = (np.float64(2.0) * absmax.astype(np.float64) / 254.0).astype(np.float32)
+    steps = 2.0 * _weight_limit(reduce_range)
+    scale = (np.float64(2.0) * absmax.astype(np.float64) / steps).astype(np.float32)
     return np.where(scale < np.finfo(np.float32).tiny, _F32(1.0), scale).astype(np.float32)
 
 
@@ -176,9 +188,12 @@ def _per_row(values: npt.NDArray[Any], ndim: int) -> npt.NDArray[Any]:
     return values.reshape((-1,) + (1,) * (ndim - 1))
 
 
-def _quantize_weight(weight: FloatArray, scale: npt.NDArray[np.float32]) -> npt.NDArray[np.int8]:
+def _quantize_weight(
+    weight: FloatArray, scale: npt.NDArray[np.float32], *, reduce_range: bool = False
+) -> npt.NDArray[np.int8]:
+    limit = _weight_limit(reduce_range)
     ratio = weight.astype(np.float32) / _per_row(scale, weight.ndim)
-    quantized: npt.NDArray[np.int8] = np.clip(np.round(ratio), -127, 127).astype(np.int8)
+    quantized: npt.NDArray[np.int8] = np.clip(np.round(ratio), -limit, limit).astype(np.int8)
     return quantized
 
 
@@ -344,15 +359,23 @@ def _ranges(layers: _Layers, images: npt.NDArray[np.float32], *, func: str) -> l
     return ranges
 
 
-def _build(layers: _Layers, ranges: list[list[float]], *, per_channel: bool, func: str) -> QParams:
+def _build(
+    layers: _Layers,
+    ranges: list[list[float]],
+    *,
+    per_channel: bool,
+    func: str,
+    reduce_range: bool = False,
+) -> QParams:
     acts = [_activation_quant(low, high) for low, high in ranges]
     built = []
+    seven_bits = {"reduce_range": reduce_range}
     for index, (name, block) in enumerate(zip(layers.names, layers.blocks, strict=True)):
-        scale = _weight_scale(block.kernel, per_channel=per_channel)
+        scale = _weight_scale(block.kernel, per_channel=per_channel, **seven_bits)
         built.append(
             LayerQuant(
                 name,
-                _quantize_weight(block.kernel, scale),
+                _quantize_weight(block.kernel, scale, **seven_bits),
                 scale,
                 _quantize_bias(block.bias, acts[index].scale, scale, name=f"{func}: {name}"),
                 acts[index],
@@ -360,10 +383,10 @@ def _build(layers: _Layers, ranges: list[list[float]], *, per_channel: bool, fun
             )
         )
     pool = acts[-2]
-    scale = _weight_scale(layers.head_weight, per_channel=per_channel)
+    scale = _weight_scale(layers.head_weight, per_channel=per_channel, **seven_bits)
     head = LayerQuant(
         "head",
-        _quantize_weight(layers.head_weight, scale),
+        _quantize_weight(layers.head_weight, scale, **seven_bits),
         scale,
         _quantize_bias(layers.head_bias, pool.scale, scale, name=f"{func}: the head"),
         pool,
@@ -373,7 +396,11 @@ def _build(layers: _Layers, ranges: list[list[float]], *, per_channel: bool, fun
 
 
 def calibrate(
-    model: RepVGG | Network, calibration: npt.ArrayLike, *, per_channel: bool = False
+    model: RepVGG | Network,
+    calibration: npt.ArrayLike,
+    *,
+    per_channel: bool = False,
+    reduce_range: bool = False,
 ) -> QParams:
     """Calibrate as onnxruntime's MinMax static quantization does, in float64.
 
@@ -388,6 +415,11 @@ def calibrate(
         float64 on them.
     per_channel : bool, default False
         One weight scale per output channel (axis 0; the Gemm included).
+    reduce_range : bool, default False
+        7-bit weights (-64..64, ``scale = max |w| / 64``), as onnxruntime's
+        ``quantize_static(..., reduce_range=True)``. On x86 CPUs without VNNI,
+        onnxruntime's int8 kernels add pairs of 8-bit products in 16 bits and
+        saturate with full-range weights; 7-bit weights keep them exact.
 
     Returns
     -------
@@ -411,7 +443,8 @@ def calibrate(
     images = check_images(
         calibration, network.model, func=func, name="calibration", minimum=MIN_CALIBRATION_SAMPLES
     )
-    return _build(layers, _ranges(layers, images, func=func), per_channel=per_channel, func=func)
+    ranges = _ranges(layers, images, func=func)
+    return _build(layers, ranges, per_channel=per_channel, func=func, reduce_range=reduce_range)
 
 
 # --------------------------------------------------------------------------- integer arithmetic
@@ -513,6 +546,7 @@ def simulate(
     calibration: npt.ArrayLike | None = None,
     qparams: QParams | None = None,
     per_channel: bool = False,
+    reduce_range: bool = False,
 ) -> npt.NDArray[np.float32]:
     """Compute the logits onnxruntime's INT8 model of ``model`` computes, in NumPy.
 
@@ -532,6 +566,9 @@ def simulate(
     per_channel : bool, default False
         With ``calibration``: per-channel weight scales. With ``qparams`` it
         must agree with them.
+    reduce_range : bool, default False
+        With ``calibration``: 7-bit weights (see :func:`calibrate`). With
+        ``qparams`` the weights are the ones read.
 
     Returns
     -------
@@ -581,7 +618,9 @@ def simulate(
                 f"scales are {'per channel' if params.per_channel else 'per tensor'}"
             )
     else:
-        params = calibrate(network, np.asarray(calibration), per_channel=per_channel)
+        params = calibrate(
+            network, np.asarray(calibration), per_channel=per_channel, reduce_range=reduce_range
+        )
     parts = [_integer_logits(layers, params, chunk, func=func) for chunk in _chunks(images)]
     return np.concatenate(parts).astype(np.float32)
 

@@ -3,6 +3,7 @@
 NumPy only. Everything ``import reparam`` loads lives here.
 """
 
+from .algebra import FoldError
 from .axes import hwio_to_oihw, nchw_to_nhwc, nhwc_to_nchw, oihw_to_hwio
 from .conv import conv2d, conv_output_size
 from .errors import ReparamError
@@ -14,6 +15,7 @@ from .params import BatchNorm, ConvBias
 __all__ = [
     "BatchNorm",
     "ConvBias",
+    "FoldError",
     "ReparamError",
     "batch_norm",
     "conv2d",

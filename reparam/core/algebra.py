@@ -1046,7 +1046,7 @@ class FoldError(ReparamError):
         the pool that excludes padding from its divisor.
     """
 
-    __module__ = "reparam.core.algebra"
+    __module__ = "reparam"  # shown in tracebacks as reparam.FoldError, where users import it
 
     def __init__(self, message: str, *, node: Node | None = None) -> None:
         super().__init__(message)
@@ -1245,18 +1245,21 @@ def _move_pads(first: _Affine, second: _Affine) -> Pads:
                 node=second.entry,
             )
         produced = _at_zero(first)
-        wanted = np.zeros(first.out_channels) if second.pad_value is None else second.pad_value
-        tolerance = 1e-6 * (1.0 + np.abs(produced))
-        mismatch = np.flatnonzero(np.abs(wanted - produced) > tolerance)
+        if second.pad_value is None:  # zeros: exact, the previous map must give exactly zero
+            mismatch = np.flatnonzero(produced != 0)
+            wanted = np.zeros(first.out_channels)
+        else:  # a given value (DBB's BNAndPadLayer, computed in the checkpoint's dtype)
+            wanted = second.pad_value
+            mismatch = np.flatnonzero(np.abs(wanted - produced) > 1e-6 * (1.0 + np.abs(produced)))
         if mismatch.size:
             channel = int(mismatch[0])
             what = "zeros" if second.pad_value is None else "the given values"
             raise _FoldError(
                 f"{second.name} pads with {what} after {first.name}, whose output at zero "
                 f"input is {produced[channel]:.6g} at channel {channel} (padding value "
-                f"{wanted[channel]:.6g}): the border would differ from the one conv. Pad with "
-                "the previous map's output at zero input (as Diverse Branch Block's "
-                "BNAndPadLayer does) for the sequence to be one convolution",
+                f"{wanted[channel]:.6g}): the border would differ from the one conv. Split the "
+                f"sequence before {second.name}, or pad with the previous map's output at zero "
+                "input (as Diverse Branch Block's BNAndPadLayer does) for it to be one convolution",
                 node=second.entry,
             )
     pads = []
