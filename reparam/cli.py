@@ -1,17 +1,25 @@
-"""The ``reparam`` command line: convert, verify, run and inspect RepVGG checkpoints in NumPy.
+"""The ``reparam`` command line: convert, verify, run and inspect checkpoints and ONNX graphs.
 
 Commands::
 
     reparam convert TRAIN DEPLOY [--layout L] [--to-layout L] [--arch NAME] [--overwrite-input]
+    reparam convert TRAIN.onnx DEPLOY.onnx [--max-cost-ratio R] [--overwrite-input]
     reparam verify WEIGHTS [--layout L] [--arch NAME] [--batch N] [--size S] [--seed K]
+    reparam verify TRAIN.onnx [DEPLOY.onnx] [--shape N,C,H,W] [--seed K] [--max-cost-ratio R]
     reparam run WEIGHTS --input X.npy --output Y.npy [--layout L] [--arch NAME]
     reparam info WEIGHTS [--layout L]
+    reparam info MODEL.onnx [--max-cost-ratio R]
     reparam export WEIGHTS MODEL.onnx [--layout L] [--arch NAME] [--opset N]
     reparam demo [--checkpoint PATH] [--data PATH]
     reparam quant-report WEIGHTS --calibration X.npy [--per-channel] [--json FILE] [--png FILE]
 
 ``--layout`` says how the input's keys are read (detected by default);
 ``--to-layout`` names the keys ``convert`` writes (the input's by default).
+
+A file is read into one of three kinds: a RepVGG network, blocks of any
+checkpoint (found by :mod:`reparam.checkpoints.walker`), or an ONNX graph
+(``.onnx``, folded by :mod:`reparam.graph`). Each command looks up its action
+for the kind in one table, :data:`_ACTIONS`.
 
 Exit codes: 0 success, 1 ``verify`` found the forms disagree, 2 any error
 (one line on stderr naming the file and, where one is at fault, the tensor),
@@ -22,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -30,7 +40,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -60,6 +70,8 @@ from .checkpoints.walker import (
 )
 from .core.errors import ReparamError
 from .export.onnx import DEFAULT_OPSET, check_opset, export_onnx
+from .graph import FoldReport, Graph, fold_graph, read_graph, save_onnx, write_graph
+from .graph.onnx import OnnxSource
 from .models.repvgg import RepVGG, TrainBlock
 
 __all__ = ["main"]
@@ -162,6 +174,117 @@ def _network(path: str, args: argparse.Namespace) -> RepVGG:
     return checkpoint.network
 
 
+# --------------------------------------------------------------------------- kinds and actions
+
+
+class _Input(NamedTuple):
+    """The file a command was given, read into one of the kinds of :data:`_ACTIONS`.
+
+    Attributes
+    ----------
+    kind : str
+        ``"network"`` (a whole RepVGG), ``"blocks"`` (blocks of any checkpoint)
+        or ``"graph"`` (an ONNX model).
+    path : str
+    checkpoint : Checkpoint or None
+        The checkpoint as read, when reading it was needed to tell its kind;
+        a graph, and a network for the commands that take nothing else, are
+        read by their actions (after those check their outputs).
+    """
+
+    kind: str
+    path: str
+    checkpoint: Checkpoint | None = None
+
+
+Action = Callable[[_Input, argparse.Namespace], int]
+
+
+def _read_checkpoint(path: str, args: argparse.Namespace, *, network_only: bool) -> _Input:
+    if network_only:
+        return _Input("network", path)
+    checkpoint = _read(path, args)
+    return _Input("network" if checkpoint.network is not None else "blocks", path, checkpoint)
+
+
+def _read_graph_file(path: str, args: argparse.Namespace, *, network_only: bool) -> _Input:
+    return _Input("graph", path)
+
+
+class _Format(NamedTuple):
+    """How a file is read into a kind, and what ``convert`` writes from it."""
+
+    read: Callable[..., _Input]
+    writes: tuple[str, ...]
+
+
+#: Readers by input suffix; any other suffix is a checkpoint (whose reader names the formats).
+_FORMATS = {".onnx": _Format(_read_graph_file, (".onnx",))}
+_CHECKPOINT = _Format(_read_checkpoint, CHECKPOINT_SUFFIXES)
+
+
+def _format(path: str) -> _Format:
+    return _FORMATS.get(Path(path).suffix.lower(), _CHECKPOINT)
+
+
+def _open(path: str, args: argparse.Namespace, *, network_only: bool = False) -> _Input:
+    """Read ``path`` into its kind (``network_only``: the command takes nothing but a network)."""
+    return _format(path).read(path, args, network_only=network_only)
+
+
+def _act(source: _Input, args: argparse.Namespace) -> int:
+    """Run the command's action for the kind of ``source`` (from :data:`_ACTIONS`).
+
+    Options that only the other kinds read are refused first (``--layout`` for a graph,
+    ``--max-cost-ratio`` for a checkpoint).
+    """
+    action = _ACTIONS[args.command].get(source.kind)
+    if action is None:  # pragma: no cover - each command reads only kinds it has actions for
+        raise ReparamError(f"{args.command}: {shown_path(source.path)} is not a {source.kind}")
+    foreign = _FOREIGN_OPTIONS[source.kind]
+    given = [flag for attribute, flag in foreign.items() if getattr(args, attribute, None)]
+    if given:
+        raise ReparamError(
+            f"{args.command}: {', '.join(given)} does not apply to {shown_path(source.path)}, "
+            f"which is {_KIND_NAMES[source.kind]}"
+        )
+    return action(source, args)
+
+
+def _instead(text: str) -> Action:
+    """Return an action that refuses a graph; ``text`` says what to use instead."""
+
+    def refuse(source: _Input, args: argparse.Namespace) -> int:
+        name = shown_path(source.path)
+        raise ReparamError(f"{args.command}: {name} is an ONNX graph; {text.format(path=name)}")
+
+    return refuse
+
+
+#: Options only checkpoints read, and only graphs read: ``{attribute: flag}``.
+_CHECKPOINT_OPTIONS = {
+    "layout": "--layout",
+    "to_layout": "--to-layout",
+    "arch": "--arch",
+    "set": "--set",
+    "overrides": "--overrides",
+    "batch": "--batch",
+    "size": "--size",
+}
+_GRAPH_OPTIONS = {
+    "max_cost_ratio": "--max-cost-ratio",
+    "shape": "--shape",
+    "deploy_graph": "DEPLOY",
+}
+#: Per kind, the options of other kinds (refused), and how messages name the kind.
+_FOREIGN_OPTIONS = {
+    "network": _GRAPH_OPTIONS,
+    "blocks": _GRAPH_OPTIONS,
+    "graph": _CHECKPOINT_OPTIONS,
+}
+_KIND_NAMES = {"network": "a checkpoint", "blocks": "a checkpoint", "graph": "an ONNX graph"}
+
+
 def _same_file(source: str, destination: str) -> bool:
     """Whether two paths name one file (the same path, a symlink or a hard link)."""
     try:
@@ -171,17 +294,19 @@ def _same_file(source: str, destination: str) -> bool:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    check_destination(args.deploy, func="convert", allowed=CHECKPOINT_SUFFIXES)
+    check_destination(args.deploy, func="convert", allowed=_format(args.train).writes)
     if not args.overwrite_input and _same_file(args.train, args.deploy):
         raise ReparamError(
             f"convert: the output {shown_path(args.deploy)} is the input file; writing it would "
             "replace the train weights with the deploy form; hint: choose another output, or "
             "pass --overwrite-input"
         )
-    checkpoint = _read(args.train, args)
-    if checkpoint.network is None:
-        return _convert_blocks(checkpoint, args)
-    model = checkpoint.network
+    return _act(_open(args.train, args), args)
+
+
+def _convert_network(source: _Input, args: argparse.Namespace) -> int:
+    assert source.checkpoint is not None and source.checkpoint.network is not None
+    model = source.checkpoint.network
     if model.form == "deploy":
         raise ReparamError(
             f"convert: {shown_path(args.train)} is already in deploy form; expected a train-form "
@@ -208,8 +333,10 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert_blocks(checkpoint: Checkpoint, args: argparse.Namespace) -> int:
+def _convert_blocks(source: _Input, args: argparse.Namespace) -> int:
     """Fuse every block of every family found; copy every other tensor through."""
+    checkpoint = source.checkpoint
+    assert checkpoint is not None
     if args.to_layout is not None:
         raise ReparamError(
             "convert: --to-layout renames a whole RepVGG network; this checkpoint is not one "
@@ -235,10 +362,12 @@ def _default_size(model: RepVGG) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    checkpoint = _read(args.weights, args)
-    if checkpoint.network is None:
-        return _verify_blocks(checkpoint, args)
-    model = checkpoint.network
+    return _act(_open(args.weights, args), args)
+
+
+def _verify_network(source: _Input, args: argparse.Namespace) -> int:
+    assert source.checkpoint is not None and source.checkpoint.network is not None
+    model = source.checkpoint.network
     if model.form == "deploy":
         raise ReparamError(
             f"verify: {shown_path(args.weights)} is in deploy form; expected the train-form "
@@ -246,7 +375,8 @@ def _verify(args: argparse.Namespace) -> int:
         )
     size = args.size if args.size is not None else _default_size(model)
     rng = np.random.default_rng(args.seed)
-    x = rng.standard_normal((args.batch, model.in_channels, size, size)).astype(model.dtype)
+    batch = _batch(args)
+    x = rng.standard_normal((batch, model.in_channels, size, size)).astype(model.dtype)
     _progress(f"fusing {len(model.blocks)} blocks ...")
     deploy = model.reparameterize()
     _progress(f"running both forms on a {x.shape} input ...")
@@ -259,7 +389,7 @@ def _verify(args: argparse.Namespace) -> int:
     agree = float(np.mean(train_logits.argmax(axis=1) == deploy_logits.argmax(axis=1)))
     tolerance = VERIFY_TOLERANCE[model.dtype]
     _out(f"architecture: {model.arch or 'custom'} ({model.layout} layout, {model.dtype})")
-    _out(f"input: batch {args.batch}, {size}x{size}, seed {args.seed}")
+    _out(f"input: batch {batch}, {size}x{size}, seed {args.seed}")
     _out(f"max |train - deploy| = {difference:.3e} (max |logit| {magnitude:.3g})")
     _out(f"relative difference  = {relative:.3e} (tolerance {tolerance:g})")
     _out(f"top-1 agreement      = {agree:.0%}")
@@ -274,8 +404,15 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify_blocks(checkpoint: Checkpoint, args: argparse.Namespace) -> int:
+def _batch(args: argparse.Namespace) -> int:
+    """``--batch`` of ``verify`` on a checkpoint: 2 unless given."""
+    return 2 if args.batch is None else int(args.batch)
+
+
+def _verify_blocks(source: _Input, args: argparse.Namespace) -> int:
     """Check every block found: its fused conv against its train form on a random input."""
+    checkpoint = source.checkpoint
+    assert checkpoint is not None
     blocks, _ = find_blocks(checkpoint.tensors, overrides=_overrides(args), eps=args.eps)
     if not blocks:
         raise ReparamError(
@@ -292,7 +429,7 @@ def _verify_blocks(checkpoint: Checkpoint, args: argparse.Namespace) -> int:
         if worst is None or not relative <= worst[0]:
             worst = (relative, found)
     assert worst is not None
-    _out(f"blocks checked: {len(blocks)} (batch {args.batch}, seed {args.seed})")
+    _out(f"blocks checked: {len(blocks)} (batch {_batch(args)}, seed {args.seed})")
     _out(f"worst relative difference: {worst[0]:.3e} at {worst[1].name} ({worst[1].family})")
     if failed:
         _out(f"FAIL: {len(failed)} blocks differ: {listing(failed, budget=200)}")
@@ -307,7 +444,7 @@ def _block_difference(
     """``max |train - fused| / max magnitude`` of one block on a random NCHW input."""
     conv = found.block.reparameterize()
     size = args.size if args.size is not None else max(16, conv.kernel.shape[2] + 4)
-    shape = (args.batch, conv.in_channels, size, size)
+    shape = (_batch(args), conv.in_channels, size, size)
     x = rng.standard_normal(shape).astype(np.promote_types(conv.kernel.dtype, np.float32))
     with np.errstate(over="ignore", invalid="ignore"):
         difference = float(np.max(np.abs(found.block(x) - conv(x))))
@@ -316,6 +453,10 @@ def _block_difference(
 
 
 def _run(args: argparse.Namespace) -> int:
+    return _act(_open(args.weights, args, network_only=True), args)
+
+
+def _run_network(source: _Input, args: argparse.Namespace) -> int:
     check_destination(args.output, func="run", allowed=(".npy",), what="--output")
     if _same_file(args.input, args.output):
         raise ReparamError(
@@ -350,32 +491,45 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    checkpoint = _read(args.weights, args)
+    return _act(_open(args.weights, args), args)
+
+
+def _info_network(source: _Input, args: argparse.Namespace) -> int:
+    checkpoint = source.checkpoint
+    assert checkpoint is not None and checkpoint.network is not None
     model = checkpoint.network
-    if model is not None:
-        _out(f"layout:        {model.layout}")
-        _out(f"form:          {model.form}")
-        _out(f"architecture:  {model.arch or 'custom'}")
-        _out(f"dtype:         {model.dtype}{describe_stored(checkpoint, model.dtype)}")
-        _out(f"blocks:        {len(model.blocks)}")
-        _out(f"strides:       {_describe_strides(model)}")
-        _out(f"input:         {model.in_channels} channels; classes: {model.num_classes}")
-        _out(f"parameters:    {_millions(model.num_parameters)}")
-        own = model.multiply_adds(224, 224)
-        line = f"multiply-adds: {own / 1e9:.2f} G at 224x224 ({model.form} form)"
-        if model.form == "train":
-            deploy = model.multiply_adds(224, 224, form="deploy")
-            line += f", {deploy / 1e9:.2f} G deploy form"
-        _out(line)
-        if model.form == "deploy":
-            return 0
-    else:
-        stored = ", ".join(checkpoint.stored_dtypes) or "no floating tensors"
-        _out(f"tensors:       {len(checkpoint.tensors)} ({stored})")
+    _out(f"layout:        {model.layout}")
+    _out(f"form:          {model.form}")
+    _out(f"architecture:  {model.arch or 'custom'}")
+    _out(f"dtype:         {model.dtype}{describe_stored(checkpoint, model.dtype)}")
+    _out(f"blocks:        {len(model.blocks)}")
+    _out(f"strides:       {_describe_strides(model)}")
+    _out(f"input:         {model.in_channels} channels; classes: {model.num_classes}")
+    _out(f"parameters:    {_millions(model.num_parameters)}")
+    own = model.multiply_adds(224, 224)
+    line = f"multiply-adds: {own / 1e9:.2f} G at 224x224 ({model.form} form)"
+    if model.form == "train":
+        deploy = model.multiply_adds(224, 224, form="deploy")
+        line += f", {deploy / 1e9:.2f} G deploy form"
+    _out(line)
+    if model.form == "train":
+        _block_report(checkpoint, args)
+    return 0
+
+
+def _info_blocks(source: _Input, args: argparse.Namespace) -> int:
+    checkpoint = source.checkpoint
+    assert checkpoint is not None
+    stored = ", ".join(checkpoint.stored_dtypes) or "no floating tensors"
+    _out(f"tensors:       {len(checkpoint.tensors)} ({stored})")
+    _block_report(checkpoint, args)
+    return 0
+
+
+def _block_report(checkpoint: Checkpoint, args: argparse.Namespace) -> None:
     _, report = convert_state_dict(checkpoint.tensors, overrides=_overrides(args), eps=args.eps)
     for line in report.lines():
         _out(line)
-    return 0
 
 
 def _describe_strides(model: RepVGG) -> str:
@@ -388,6 +542,10 @@ def _describe_strides(model: RepVGG) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
+    return _act(_open(args.weights, args, network_only=True), args)
+
+
+def _export_network(source: _Input, args: argparse.Namespace) -> int:
     check_destination(args.onnx, func="export", allowed=(".onnx",))
     check_opset(args.opset, func="export")
     model = _network(args.weights, args)
@@ -405,6 +563,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _quant_report(args: argparse.Namespace) -> int:
+    return _act(_open(args.weights, args, network_only=True), args)
+
+
+def _quant_report_network(source: _Input, args: argparse.Namespace) -> int:
     func = "quant-report"
     for path, suffix in ((args.json, ".json"), (args.png, ".png")):
         if path is not None:
@@ -471,6 +633,11 @@ def _read_digits(path: Path) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    given = args.checkpoint
+    return _act(_open(given, args, network_only=True) if given else _Input("network", ""), args)
+
+
+def _demo_network(source: _Input, args: argparse.Namespace) -> int:
     paths = []
     for given, bundled in ((args.checkpoint, "digits_repvgg.npz"), (args.data, "digits_test.npz")):
         path = Path(given) if given else _embedded(bundled)
@@ -510,10 +677,305 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- ONNX graphs
+
+
+def _read_onnx(path: str) -> tuple[Graph, OnnxSource]:
+    _progress(f"loading {path} ...")
+    with _file_errors(path, "read"):
+        return read_graph(path, func="load")
+
+
+class _Folded(NamedTuple):
+    graph: Graph  # as read
+    source: OnnxSource
+    report: FoldReport
+    model: Any  # the folded onnx.ModelProto
+    seconds: float  # folding and writing the model, not reading it
+
+
+def _fold(path: str, args: argparse.Namespace) -> _Folded:
+    """Read a graph and fold it."""
+    graph, source = _read_onnx(path)
+    _progress(f"folding {len(graph.ops)} ops ...")
+    ratio = 1.0 if args.max_cost_ratio is None else args.max_cost_ratio
+    start = time.perf_counter()
+    folded, report = fold_graph(graph, max_cost_ratio=ratio)
+    model = write_graph(folded, report, source)
+    return _Folded(graph, source, report, model, time.perf_counter() - start)
+
+
+def _convert_graph(source: _Input, args: argparse.Namespace) -> int:
+    _, _, report, model, seconds = _fold(source.path, args)
+    if not report.folded:
+        raise ReparamError(
+            f"convert: nothing in {shown_path(source.path)} folds ({len(report.refused)} near "
+            f"misses; reparam info {shown_path(source.path)} lists them); nothing was written"
+        )
+    with _file_errors(args.deploy, "write"):
+        save_onnx(model, args.deploy)
+    _out(f"{report.lines()[0]} (in {seconds:.3f} s)")
+    if report.refused:
+        _out(f"not folded: {len(report.refused)} (reparam info {source.path} says why)")
+    _out(f"wrote {args.deploy}")
+    return 0
+
+
+def _info_graph(source: _Input, args: argparse.Namespace) -> int:
+    graph, onnx_source, report, _, _ = _fold(source.path, args)
+    model = onnx_source.model
+    opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
+    producer = f"{model.producer_name} {model.producer_version}".strip() or "unknown"
+    _out(f"producer:      {producer}")
+    _out(f"opsets:        {opsets}")
+    for label, infos in (("input", model.graph.input), ("output", model.graph.output)):
+        for info in infos:
+            if info.name in graph.constants:
+                continue
+            _out(f"{label + ':':<15}{info.name} {_describe_value(info)}")
+    affine = sum(op.kind != "opaque" for op in graph.ops)
+    _out(f"ops:           {len(graph.ops)} ({affine} affine, {len(graph.ops) - affine} other)")
+    for line in report.lines():
+        _out(line)
+    return 0
+
+
+def _describe_value(info: Any) -> str:
+    """``(batch, 3, 224, 224) float32`` for a graph input or output."""
+    tensor = info.type.tensor_type
+    dims = [
+        str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+        for d in tensor.shape.dim
+    ]
+    return f"({', '.join(dims)}) {_elem_name(tensor.elem_type)}"
+
+
+def _elem_name(elem_type: int) -> str:
+    """``float32``, ``bfloat16``, ... for an ONNX element type."""
+    import onnx
+
+    try:
+        return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name)
+    except (KeyError, TypeError, ValueError):
+        return f"type {elem_type}"
+
+
+def _import_onnxruntime(func: str) -> Any:
+    try:
+        return importlib.import_module("onnxruntime")
+    except ImportError:
+        raise ReparamError(
+            f"{func}: onnxruntime is not installed; expected it to run both graphs "
+            '(hint: pip install "reparam[onnx]")'
+        ) from None
+
+
+def _feeds(model: Any, args: argparse.Namespace) -> dict[str, npt.NDArray[Any]]:
+    """Seeded random inputs of the graph's input shapes (a dynamic batch is 1)."""
+    import onnx
+
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if args.shape is not None and len(inputs) != 1:
+        raise ReparamError(
+            f"verify: --shape sets the shape of a graph's one input; this graph has "
+            f"{len(inputs)} ({', '.join(shown(i.name) for i in inputs)})"
+        )
+    rng = np.random.default_rng(args.seed)
+    feeds = {}
+    for info in inputs:
+        tensor = info.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        if args.shape is not None:
+            if len(args.shape) != len(dims) or any(
+                d is not None and d != g for d, g in zip(dims, args.shape, strict=False)
+            ):
+                raise ReparamError(
+                    f"verify: --shape {','.join(map(str, args.shape))} does not fit input "
+                    f"{shown(info.name)!r} of shape {_describe_value(info)}"
+                )
+            dims = list(args.shape)
+        if dims and dims[0] is None:
+            dims[0] = 1
+        if any(d is None for d in dims):
+            raise ReparamError(
+                f"verify: input {shown(info.name)!r} has shape {_describe_value(info)} with "
+                "dynamic dimensions besides the batch; expected --shape N,C,H,W"
+            )
+        shape = tuple(int(d) for d in dims if d is not None)
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        except (KeyError, TypeError, ValueError):
+            dtype = np.dtype(object)
+        if dtype.kind == "f":
+            feeds[info.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iub":
+            feeds[info.name] = rng.integers(0, 2, shape).astype(dtype)
+        else:
+            raise ReparamError(
+                f"verify: input {shown(info.name)!r} has element type "
+                f"{_elem_name(tensor.elem_type)}; expected float16, float32, float64, integers "
+                "or bool"
+            )
+    return feeds
+
+
+def _run_graph(
+    ort: Any, model: Any, name: str, feeds: dict[str, npt.NDArray[Any]]
+) -> dict[str, npt.NDArray[Any]]:
+    """Run a model (external data already read in) in onnxruntime; outputs by name."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: warnings would break the one-line rule
+    try:
+        session = ort.InferenceSession(
+            model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        names = [o.name for o in session.get_outputs()]
+        results = session.run(None, feeds)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ReparamError(
+            f"verify: onnxruntime cannot run {name} ({type(exc).__name__}: {shown(exc, 160)})"
+        ) from None
+    return {key: np.asarray(value) for key, value in zip(names, results, strict=True)}
+
+
+class _Difference(NamedTuple):
+    """How far one output of the deploy graph is from the train graph's."""
+
+    output: str
+    difference: float  # max |train - deploy|
+    magnitude: float  # max |train|
+    relative: float
+    tolerance: float
+    finite: bool
+
+    @property
+    def ratio(self) -> float:
+        return self.relative / self.tolerance
+
+    @classmethod
+    def of(cls, output: str, want: npt.NDArray[Any], got: npt.NDArray[Any]) -> _Difference:
+        with np.errstate(over="ignore", invalid="ignore"):
+            wide, wide_got = want.astype(np.float64), got.astype(np.float64)
+            finite = bool(np.isfinite(wide).all() and np.isfinite(wide_got).all())
+            difference = float(np.max(np.abs(wide - wide_got), initial=0.0))
+            magnitude = float(np.max(np.abs(wide), initial=0.0))
+        relative = difference / magnitude if magnitude > 0 else difference
+        tolerance = VERIFY_TOLERANCE.get(want.dtype, 1e-2)
+        return cls(output, difference, magnitude, relative, tolerance, finite)
+
+
+def _verify_graph(source: _Input, args: argparse.Namespace) -> int:
+    ort = _import_onnxruntime("verify")
+    train_name = shown_path(source.path)
+    if args.deploy_graph is not None:
+        if _same_file(source.path, args.deploy_graph):
+            raise ReparamError(
+                f"verify: DEPLOY {shown_path(args.deploy_graph)} is the train file itself; "
+                "comparing a graph with itself proves nothing"
+            )
+        if args.max_cost_ratio is not None:
+            raise ReparamError(
+                "verify: --max-cost-ratio applies only when verify folds the graph itself "
+                "(without DEPLOY)"
+            )
+        _, train_source = _read_onnx(source.path)
+        _, deploy_source = _read_onnx(args.deploy_graph)
+        deploy, deploy_name = deploy_source.model, shown_path(args.deploy_graph)
+        folded = f"deploy: {deploy_name}"
+    else:
+        _, train_source, report, deploy, _ = _fold(source.path, args)
+        deploy_name = "the folded graph"
+        folded = f"deploy: folded in memory ({len(report.folded)} regions)"
+    train = train_source.model
+    if any(t.ByteSize() >= 2**31 - 2**24 for t in (train, deploy)):
+        raise ReparamError(
+            "verify: a graph is over 2 GiB, too large to hand to onnxruntime in memory"
+        )
+    feeds = _feeds(train, args)
+    _progress(f"running both graphs on {', '.join(str(x.shape) for x in feeds.values())} ...")
+    expected = _run_graph(ort, train, train_name, feeds)
+    actual = _run_graph(ort, deploy, deploy_name, feeds)
+    if set(actual) != set(expected):
+        raise ReparamError(
+            f"verify: {deploy_name} has outputs {sorted(actual)}; expected the train graph's "
+            f"{sorted(expected)}"
+        )
+    _out(f"train: {train_name}; {folded}")
+    shapes = ", ".join(f"{key} {value.shape} {value.dtype}" for key, value in feeds.items())
+    _out(f"input: {shapes}, seed {args.seed}")
+    compared = []
+    for key, want in expected.items():
+        got = actual[key]
+        if got.shape != want.shape:
+            _out(f"FAIL: output {key!r} has shape {got.shape}; the train graph's is {want.shape}")
+            return 1
+        if np.issubdtype(want.dtype, np.floating):
+            compared.append(_Difference.of(key, want, got))
+    if not compared:
+        _out("FAIL: the graph has no floating-point output to compare")
+        return 1
+    # the output furthest past (or nearest to) its tolerance; NaN sorts first
+    worst = max(compared, key=lambda d: math.inf if d.relative != d.relative else d.ratio)
+    key, difference, magnitude = worst.output, worst.difference, worst.magnitude
+    relative, tolerance = worst.relative, worst.tolerance
+    finite = all(d.finite for d in compared)
+    _out(f"max |train - deploy| = {difference:.3e} (max |output| {magnitude:.3g}) at {key!r}")
+    _out(f"relative difference  = {relative:.3e} (tolerance {tolerance:g})")
+    if not finite:
+        _out("FAIL: the outputs are not finite (NaN or inf), so the graphs cannot be compared")
+        return 1
+    if not relative <= tolerance:
+        _out("FAIL: the deploy graph does not reproduce the train graph")
+        return 1
+    _out("OK: both graphs agree")
+    return 0
+
+
+#: What each command does with each kind of file (see :class:`_Input`).
+_ACTIONS: dict[str, dict[str, Action]] = {
+    "convert": {
+        "network": _convert_network,
+        "blocks": _convert_blocks,
+        "graph": _convert_graph,
+    },
+    "verify": {"network": _verify_network, "blocks": _verify_blocks, "graph": _verify_graph},
+    "info": {"network": _info_network, "blocks": _info_blocks, "graph": _info_graph},
+    "run": {
+        "network": _run_network,
+        "graph": _instead(
+            "run computes a RepVGG checkpoint's logits in NumPy (hint: run the graph with "
+            "onnxruntime; reparam verify {path} compares it with its folded form)"
+        ),
+    },
+    "export": {
+        "network": _export_network,
+        "graph": _instead(
+            "export writes a checkpoint as ONNX (hint: reparam convert {path} DEPLOY.onnx folds "
+            "the graph)"
+        ),
+    },
+    "demo": {
+        "network": _demo_network,
+        "graph": _instead(
+            "demo runs a RepVGG checkpoint (hint: reparam verify {path} runs the graph and its "
+            "folded form)"
+        ),
+    },
+    "quant-report": {
+        "network": _quant_report_network,
+        "graph": _instead(
+            "quant-report reads a RepVGG checkpoint (hint: reparam convert {path} DEPLOY.onnx "
+            "folds the graph; quantize that with onnxruntime.quantization)"
+        ),
+    },
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reparam",
-        description="Convert, verify and run RepVGG checkpoints in pure NumPy.",
+        description="Convert, verify and run RepVGG checkpoints in pure NumPy; fold ONNX graphs.",
     )
     parser.add_argument("--version", action="version", version=f"reparam {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -550,11 +1012,25 @@ def _parser() -> argparse.ArgumentParser:
             help="BatchNorm epsilon of every block (default 1e-5; YOLOv6 models use 1e-3)",
         )
 
-    convert = commands.add_parser("convert", help="fuse a train checkpoint into deploy weights")
-    convert.add_argument("train", help="train-form checkpoint (.npz, .safetensors, .pth, .pt)")
+    def max_cost_ratio(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--max-cost-ratio",
+            type=float,
+            metavar="R",
+            help="ONNX graphs: fold a region only if its one conv costs at most R times the "
+            "multiply-adds of its parts (default 1: never slower; 'inf' folds all it can)",
+        )
+
+    convert = commands.add_parser(
+        "convert", help="fuse a train checkpoint into deploy weights, or fold an ONNX graph"
+    )
+    convert.add_argument(
+        "train", help="train-form checkpoint (.npz, .safetensors, .pth, .pt) or ONNX graph (.onnx)"
+    )
     convert.add_argument(
         "deploy", help="output file; its suffix chooses the format (replaced atomically)"
     )
+    max_cost_ratio(convert)
     layout(convert)
     convert.add_argument(
         "--to-layout",
@@ -571,14 +1047,27 @@ def _parser() -> argparse.ArgumentParser:
     convert.set_defaults(handler=_convert)
 
     verify = commands.add_parser("verify", help="check that both forms give the same logits")
-    verify.add_argument("weights", help="train-form checkpoint")
+    verify.add_argument("weights", help="train-form checkpoint, or ONNX graph (.onnx)")
+    verify.add_argument(
+        "deploy_graph",
+        nargs="?",
+        metavar="DEPLOY",
+        help="ONNX graphs: the folded graph to compare (default: fold the train graph in memory)",
+    )
     layout(verify)
     arch(verify)
-    verify.add_argument("--batch", type=int, default=2, help="images in the batch (default 2)")
+    verify.add_argument("--batch", type=int, help="images in the batch (default 2)")
     verify.add_argument(
         "--size", type=int, help="image side (default 64; 32 for custom architectures)"
     )
     verify.add_argument("--seed", type=int, default=0, help="seed of the random input")
+    verify.add_argument(
+        "--shape",
+        type=_shape,
+        metavar="N,C,H,W",
+        help="ONNX graphs: the input's shape, for its dynamic dimensions (a dynamic batch is 1)",
+    )
+    max_cost_ratio(verify)
     options(verify)
     verify.set_defaults(handler=_verify)
 
@@ -591,8 +1080,11 @@ def _parser() -> argparse.ArgumentParser:
     options(run)
     run.set_defaults(handler=_run)
 
-    info = commands.add_parser("info", help="describe a checkpoint")
-    info.add_argument("weights", help="checkpoint, train or deploy form")
+    info = commands.add_parser(
+        "info", help="describe a checkpoint, or list what folds in an ONNX graph"
+    )
+    info.add_argument("weights", help="checkpoint, train or deploy form, or ONNX graph (.onnx)")
+    max_cost_ratio(info)
     layout(info)
     options(info)
     info.set_defaults(handler=_info)
@@ -625,11 +1117,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    """``--shape N,C,H,W``: positive integers separated by commas."""
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers such as 1,3,224,224; got {text!r}"
+        )
+    return shape
+
+
 def _positive(args: argparse.Namespace) -> None:
     for name in ("batch", "size"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ReparamError(f"{args.command}: --{name} must be >= 1; got {value}")
+    ratio = getattr(args, "max_cost_ratio", None)
+    if ratio is not None and not ratio > 0:
+        raise ReparamError(f"{args.command}: --max-cost-ratio must be > 0; got {ratio}")
 
 
 def error_line(command: str, message: str) -> str:

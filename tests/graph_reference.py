@@ -58,15 +58,19 @@ def _op(op: Op, args: list[Array | None], absolute: bool) -> Array:
             args[0], args[1], args[2] if len(args) > 2 else None,
             stride=a["stride"], padding=a["pads"], groups=a["groups"], dilation=a["dilation"],
         )  # fmt: skip
+    if op.kind == "linear":
+        x, weight = args[0], args[1]
+        assert x is not None and weight is not None
+        out = x @ weight.T
+        return out if len(args) < 3 or args[2] is None else out + args[2]
     if op.kind == "batch_norm":
         x, gamma, beta, mean, var = args
         assert x is not None and gamma is not None and beta is not None
         assert mean is not None and var is not None
         scale = gamma / np.sqrt(var + a["eps"])
-        if absolute:
-            offset = np.abs(mean * scale) + beta
-            return x * scale[:, None, None] + offset[:, None, None]
-        return x * scale[:, None, None] + (beta - mean * scale)[:, None, None]
+        shift = np.abs(mean * scale) + beta if absolute else beta - mean * scale
+        axes = (slice(None),) + (None,) * (x.ndim - 2)  # channels on axis 1: NCHW or NC
+        return x * scale[axes] + shift[axes]
     first, second = args[0], args[1] if len(args) > 1 else None
     assert first is not None
     if op.kind == "add" or (op.kind == "sub" and absolute):
@@ -92,6 +96,8 @@ def _op(op: Op, args: list[Array | None], absolute: bool) -> Array:
             first, a["size"], stride=a["stride"], padding=a["pads"],
             count_include_pad=a["count_include_pad"],
         )  # fmt: skip
+    if op.label == "Flatten":
+        return first.reshape(first.shape[0], -1)
     if op.kind == "identity" or absolute:
         return first
     if op.label == "Relu":
@@ -147,6 +153,11 @@ class Builder:
         return self._add(
             "batch_norm", (x, *(self._const(p) for p in params)), "BatchNormalization", eps=1e-5
         )
+
+    def linear(self, x: str, c_in: int, c_out: int, *, bias: bool = True) -> str:
+        weight = self._const(self.rng.standard_normal((c_out, c_in)))
+        inputs = (x, weight) + ((self._const(self.rng.standard_normal(c_out)),) if bias else ())
+        return self._add("linear", inputs, "Gemm")
 
     def binary(self, kind: str, a: str, b: str) -> str:
         return self._add(kind, (a, b), kind.capitalize())

@@ -196,6 +196,28 @@ def test_dilated_branches_and_pools_fold() -> None:
     check_same(graph, folded, np.float64)
 
 
+@pytest.mark.parametrize("shapes", [True, False], ids=["shapes known", "shapes unknown"])
+def test_a_classifier_head_folds_through_its_linear_layer(shapes: bool) -> None:
+    # BN_Linear then Linear_BN (LeViT, RepViT heads): BN1d -> Linear -> BN1d -> Linear, no
+    # nonlinearity between: one linear layer (8 -> 3 costs less than 8 -> 6 -> 3)
+    b = Builder(11)
+    x = b.unary("opaque", "in", "Relu")
+    pooled = b.unary("opaque", b.unary("avg_pool", x, "AveragePool", size=(9, 10),
+                                       stride=(9, 10), pads=((0, 0), (0, 0)),
+                                       count_include_pad=True), "Flatten")  # fmt: skip
+    head = b.linear(b.bn(pooled, C), C, 6)
+    out = b.linear(b.bn(head, 6), 6, 3)
+    graph = b.graph(("in",), (out,))
+    if shapes:
+        known = {pooled: (2, C), head: (2, 6), out: (2, 3)}
+        graph = Graph(graph.ops, graph.inputs, graph.outputs, graph.constants, known)
+    folded, report = fold_graph(graph)
+    assert kinds(folded) == {"Relu": 1, "AveragePool": 1, "Flatten": 1, "Gemm": 1}, report
+    (gemm,) = [op for op in folded.ops if op.label == "Gemm"]
+    assert gemm.kind == "linear" and folded.constants[gemm.inputs[1]].shape == (3, C)
+    check_same(graph, folded, np.float64)
+
+
 def test_malformed_graphs_are_refused_in_one_line() -> None:
     conv = Op("c", "conv", ("x", "w"), ("y",), {"stride": (1, 1), "pads": ((0, 0), (0, 0)),
                                                   "groups": 1, "dilation": (1, 1)})  # fmt: skip

@@ -5,12 +5,17 @@ Layers inside the package, each importing only the ones before it:
 - :mod:`reparam.graph.ir`: the framework-neutral DAG (:class:`Graph`, :class:`Op`);
 - :mod:`reparam.graph.fold`: the region finder on the branch algebra
   (:func:`fold_graph`, :class:`FoldReport`);
-- :mod:`reparam.graph.onnx`: the ONNX adapter (:func:`fold_onnx`), which
-  imports ``onnx`` only when called.
+- :mod:`reparam.graph.onnx`: the ONNX adapter (:func:`read_graph`,
+  :func:`write_graph`, :func:`fold_onnx`, :func:`save_onnx`), which imports
+  ``onnx`` only when called;
+- :mod:`reparam.graph.torch`: the PyTorch adapter (:func:`fold_torch`), loaded
+  on first use of ``reparam.graph.fold_torch`` (so ``import reparam.graph``
+  never imports torch).
 """
 
 from .fold import FoldedRegion, FoldReport, Refusal, fold_graph
 from .ir import AFFINE_KINDS, Graph, Op
+from .onnx import fold_onnx, read_graph, save_onnx, write_graph
 
 __all__ = [
     "AFFINE_KINDS",
@@ -20,4 +25,9 @@ __all__ = [
     "Op",
     "Refusal",
     "fold_graph",
+    "fold_onnx",
+    "read_graph",
+    "save_onnx",
+    "write_graph",
 ]
+

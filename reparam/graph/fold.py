@@ -38,6 +38,7 @@ from ..core.algebra import (
     FoldedConv,
     FoldError,
     Identity,
+    Linear,
     Node,
     Norm,
     Pad,
@@ -68,7 +69,8 @@ class FoldedRegion:
     Attributes
     ----------
     conv : Op
-        The new ``conv`` op.
+        The new ``conv`` op (a ``linear`` op where the region works on ``(N, C)``
+        features).
     replaced : tuple of str
         Names of the ops it replaces, in graph order.
     input, output : str
@@ -91,6 +93,11 @@ class FoldedRegion:
 
     def line(self) -> str:
         """One line: what was folded into what."""
+        if self.conv.kind == "linear":
+            return (
+                f"folded {len(self.replaced)} ops into a linear layer {self.conv.name!r}: "
+                + ", ".join(self.replaced)
+            )
         stride, pads = self.conv.attrs["stride"], self.conv.attrs["pads"]
         kernel = self.conv.attrs["kernel_shape"]
         return (
@@ -265,6 +272,10 @@ def _channels(graph: Graph, ordered: list[Op]) -> dict[str, int]:
                 weight = np.shape(params[0])
                 found.setdefault(out, int(weight[0]))
                 found.setdefault(op.inputs[0], int(weight[1]) * int(op.attrs.get("groups", 1)))
+            elif op.kind == "linear" and params and np.ndim(params[0]) == 2:
+                weight = np.shape(params[0])
+                found.setdefault(out, int(weight[0]))
+                found.setdefault(op.inputs[0], int(weight[1]))
             elif op.kind == "batch_norm" and params:
                 found.setdefault(out, int(np.size(params[0])))
                 found.setdefault(op.inputs[0], int(np.size(params[0])))
@@ -279,12 +290,26 @@ def _channels(graph: Graph, ordered: list[Op]) -> dict[str, int]:
     return found
 
 
-def _per_channel(value: npt.NDArray[Any], channels: int | None) -> bool:
-    """Whether ``value`` broadcasts against an NCHW tensor as one number per channel."""
-    if value.ndim > 4 or value.size == 0:
+def _per_channel(value: npt.NDArray[Any], channels: int | None, rank: int) -> bool:
+    """Whether ``value`` broadcasts against an NCHW (or NC) tensor as one number per channel."""
+    if value.ndim > rank or value.size == 0:
         return False
-    shape = (1,) * (4 - value.ndim) + value.shape
-    return shape[0] == 1 and shape[2:] == (1, 1) and shape[1] in (1, channels)
+    shape = (1,) * (rank - value.ndim) + value.shape
+    return shape[0] == 1 and all(n == 1 for n in shape[2:]) and shape[1] in (1, channels)
+
+
+_FEATURE_KINDS = frozenset({"linear", "batch_norm", "add", "sub", "mul", "div", "neg", "identity"})
+
+
+def _rank(op: Op, a: _Analysis) -> int | None:
+    """Return the rank ``op`` computes on: 4 (images), 2 (features), or None (neither)."""
+    if op.kind == "linear":
+        return 2
+    ranks = {len(a.graph.shapes[t]) for t in [*a.computed(op), *op.outputs] if t in a.graph.shapes}
+    if len(ranks) > 1:
+        return None
+    rank = ranks.pop() if ranks else 4
+    return rank if rank == 4 or (rank == 2 and op.kind in _FEATURE_KINDS) else None
 
 
 def _why_not_affine(op: Op, a: _Analysis) -> str | None:
@@ -295,14 +320,14 @@ def _why_not_affine(op: Op, a: _Analysis) -> str | None:
     out = op.outputs[0] if op.outputs else ""
     if len([t for t in op.outputs if t]) != 1:
         return f"{op.shown} has {len(op.outputs)} outputs"
-    for tensor in [*computed, out]:
-        shape = a.graph.shapes.get(tensor)
-        if shape is not None and len(shape) != 4:
-            return f"{op.shown} works on a {len(shape)}-D tensor, not an NCHW image"
+    rank = _rank(op, a)
+    if rank is None:
+        shapes = [a.graph.shapes.get(t) for t in [*computed, out]]
+        return f"{op.shown} works on tensors of shapes {shapes}, neither NCHW images nor features"
     consts = [a.constant(t) for t in op.inputs if t in a.graph.constants]
     if any(not np.issubdtype(c.dtype, np.floating) for c in consts):
         return f"{op.shown} has a parameter that is not floating-point"
-    if any(not np.isfinite(c.astype(np.float64)).all() for c in consts):
+    if any(not np.isfinite(c).all() for c in consts):
         return f"{op.shown} has a parameter that is not finite"
     channels = a.channels.get(out)
     if op.kind == "conv":
@@ -311,12 +336,18 @@ def _why_not_affine(op: Op, a: _Analysis) -> str | None:
         if consts[0].ndim != 4:
             return f"{op.shown} is not a 2-D convolution"
         return None
+    if op.kind == "linear":
+        if len(computed) != 1 or op.inputs[0] != computed[0]:
+            return f"{op.shown} computes its weight or bias; only constant parameters fold"
+        if consts[0].ndim != 2 or (len(consts) > 1 and consts[1].ndim != 1):
+            return f"{op.shown} has a weight of shape {consts[0].shape}; expected (C_out, C_in)"
+        return None
     if op.kind == "batch_norm":
         if len(computed) != 1 or op.inputs[0] != computed[0] or len(consts) != 4:
             return f"{op.shown} computes its statistics; only constant parameters fold"
         return None
     if op.kind in ("add", "sub"):
-        if len(computed) == 2 or (len(computed) == 1 and _per_channel(consts[0], channels)):
+        if len(computed) == 2 or (len(computed) == 1 and _per_channel(consts[0], channels, rank)):
             return None
         return f"{op.shown} adds a constant that is not one value per channel"
     if op.kind in ("mul", "div"):
@@ -324,7 +355,7 @@ def _why_not_affine(op: Op, a: _Analysis) -> str | None:
             return f"{op.shown} multiplies two computed tensors"
         if op.kind == "div" and op.inputs[0] != computed[0]:
             return f"{op.shown} divides a constant by a computed tensor"
-        if not _per_channel(consts[0], channels):
+        if not _per_channel(consts[0], channels, rank):
             return f"{op.shown} scales by a constant that is not one value per channel"
         if op.kind == "div" and not np.all(consts[0] != 0):
             return f"{op.shown} divides by zero"
@@ -421,6 +452,11 @@ def _regions(a: _Analysis, cuts: set[str], excluded: set[str]) -> list[_Region]:
     return regions
 
 
+def _features(region: _Region, a: _Analysis) -> bool:
+    """Whether the region works on ``(N, C)`` features (it holds a linear layer, or shapes say)."""
+    return any(op.kind == "linear" or _rank(op, a) == 2 for op in region.ops)
+
+
 # --------------------------------------------------------------------------- trees
 
 
@@ -480,6 +516,9 @@ class _TreeBuilder:
                 name=name,
             )
             return self._then(x, leaf)
+        if op.kind == "linear":
+            bias = a.constant(op.inputs[2]) if len(op.inputs) > 2 and op.inputs[2] else None
+            return self._then(x, Linear(a.constant(op.inputs[1]), bias, name=name))
         if op.kind == "batch_norm":
             gamma, beta, mean, var = (a.constant(t) for t in op.inputs[1:5])
             bn = BatchNorm(gamma, beta, mean, var, eps=float(attrs.get("eps", 1e-5)))
@@ -529,9 +568,14 @@ class _TreeBuilder:
 # --------------------------------------------------------------------------- costs
 
 
+_WEIGHTED = ("conv", "linear", "avg_pool")  # the ops whose multiply-adds count
+
+
 def _source_size(
     region: _Region, a: _Analysis, image_size: tuple[int, int] | None
 ) -> tuple[int, int]:
+    if _features(region, a):
+        return (1, 1)  # features: one pixel
     shape = a.graph.shapes.get(region.source)
     if shape is not None and len(shape) == 4 and all(isinstance(d, int) for d in shape[2:]):
         return (int(shape[2]), int(shape[3]))  # type: ignore[arg-type]
@@ -544,7 +588,7 @@ def _region_cost(builder: _TreeBuilder, size: tuple[int, int]) -> int:
     """Multiply-adds of the region's convs and pools, each counted once."""
     total = 0
     for op in builder.region.ops:
-        if op.kind not in ("conv", "avg_pool"):
+        if op.kind not in _WEIGHTED:
             continue
         x = builder.a.computed(op)[0]
         before = builder.expr(x)
@@ -562,7 +606,7 @@ def _folded_cost(conv: FoldedConv, tree: Node, size: tuple[int, int]) -> int:
 
 def _cost_cuts(region: _Region, a: _Analysis, builder: _TreeBuilder) -> set[str]:
     """Where to split a region that costs more folded: between its windowed maps, else at sums."""
-    windowed = {"conv", "avg_pool"}
+    windowed = set(_WEIGHTED)
     inside = {op.outputs[0]: op for op in region.ops}
 
     def holds_window(tensor: str, seen: set[str]) -> bool:
@@ -672,8 +716,8 @@ def _plan(
     plans = []
     changed = False
     for region in _regions(a, cuts, excluded):
-        if not any(op.kind == "conv" for op in region.ops):
-            continue
+        if len(region.ops) < 2 or not any(op.kind in ("conv", "linear") for op in region.ops):
+            continue  # a conv alone is one conv already; without a conv, nothing to gain
         try:
             builder = _TreeBuilder(region, a)
             tree = builder.tree()
@@ -758,7 +802,7 @@ def _affine_step(a: _Analysis, start: Op | None, *, backward: bool) -> Op | None
         if backward:
             if a.affine[op.name] is not None:
                 return None
-            if op.kind == "conv":
+            if op.kind in ("conv", "linear"):
                 return op
             computed = a.computed(op)
             op = a.producers.get(computed[0]) if len(computed) == 1 else None
@@ -789,25 +833,33 @@ def _apply(
     constants: dict[str, npt.NDArray[Any]] = dict(graph.constants)
     folded = []
     for plan in sorted(plans, key=lambda plan: a.order[plan.region.ops[-1].name]):
-        name = _unique(_region_name(plan.region), taken)
+        stem = "reparam_linear" if _features(plan.region, a) else "reparam_conv"
+        name = _unique(_region_name(plan.region, stem), taken)
         weight, bias = _unique(f"{name}.weight", taken), _unique(f"{name}.bias", taken)
         conv = plan.conv
-        constants[weight] = conv.kernel.astype(plan.dtype)
-        constants[bias] = conv.bias.astype(plan.dtype)
-        op = Op(
-            name,
-            "conv",
-            (plan.region.source, weight, bias),
-            (plan.region.output,),
-            {
-                "stride": conv.stride,
-                "pads": conv.pads,
-                "groups": conv.groups,
-                "dilation": conv.dilation,
-                "kernel_shape": tuple(int(n) for n in conv.kernel.shape),
-            },
-            label="Conv",
-        )
+        operands = (plan.region.source, weight, bias)
+        if _features(plan.region, a):  # features in, features out: a linear layer
+            matrix, vector = conv.as_linear()
+            constants[weight] = matrix.astype(plan.dtype, copy=False)
+            constants[bias] = vector.astype(plan.dtype, copy=False)
+            op = Op(name, "linear", operands, (plan.region.output,), {}, label="Gemm")
+        else:
+            constants[weight] = conv.kernel.astype(plan.dtype, copy=False)
+            constants[bias] = conv.bias.astype(plan.dtype, copy=False)
+            op = Op(
+                name,
+                "conv",
+                operands,
+                (plan.region.output,),
+                {
+                    "stride": conv.stride,
+                    "pads": conv.pads,
+                    "groups": conv.groups,
+                    "dilation": conv.dilation,
+                    "kernel_shape": tuple(int(n) for n in conv.kernel.shape),
+                },
+                label="Conv",
+            )
         sink = plan.region.ops[-1].name
         new_ops[sink] = op
         for member in plan.region.ops:
@@ -850,7 +902,7 @@ def _apply(
     return result, report
 
 
-def _region_name(region: _Region) -> str:
+def _region_name(region: _Region, stem_name: str) -> str:
     names = list(region.names)
     shortest = min(names, key=len)
     common = next(
@@ -859,7 +911,7 @@ def _region_name(region: _Region) -> str:
     prefix = shortest[:common]
     cut = max(prefix.rfind("/"), prefix.rfind("."))
     stem = prefix[: cut + 1] if cut >= 0 else ""
-    return f"{stem}reparam_conv" if stem else f"{region.ops[-1].name}.reparam_conv"
+    return f"{stem}{stem_name}" if stem else f"{region.ops[-1].name}.{stem_name}"
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -880,7 +932,10 @@ def _graph_cost(graph: Graph) -> int | None:
     """Multiply-adds of every conv and average pool per image, from static output shapes."""
     total = 0
     for op in graph.ops:
-        if op.kind not in ("conv", "avg_pool"):
+        if op.kind not in _WEIGHTED:
+            continue
+        if op.kind == "linear":
+            total += int(np.size(graph.constants[op.inputs[1]]))
             continue
         shape = graph.shapes.get(op.outputs[0])
         if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):

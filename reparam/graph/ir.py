@@ -14,6 +14,9 @@ kind          inputs                                 attrs
 ============  =====================================  ==========================================
 conv          ``(x, weight[, bias])``                ``stride``, ``pads``, ``groups``,
                                                      ``dilation``
+linear        ``(x, weight[, bias])``: ``x`` of      (none)
+              shape (N, C_in), ``weight``
+              (C_out, C_in)
 batch_norm    ``(x, gamma, beta, mean, var)``        ``eps``
 add, sub      ``(a, b)``: two computed tensors, or   (none)
               one and a constant
@@ -28,7 +31,9 @@ opaque        anything                               (none)
 ============  =====================================  ==========================================
 
 ``stride``, ``dilation`` and ``size`` are ``(h, w)`` pairs; ``pads`` is
-``((top, bottom), (left, right))``.
+``((top, bottom), (left, right))``. Computed tensors are NCHW images, or
+``(N, C)`` features for ``linear`` and for the channelwise kinds around it
+(``batch_norm``, the arithmetic, ``identity``): a classifier head.
 """
 
 from __future__ import annotations
@@ -45,7 +50,19 @@ from ..core.errors import ReparamError
 __all__ = ["AFFINE_KINDS", "Graph", "Op"]
 
 AFFINE_KINDS = frozenset(
-    {"conv", "batch_norm", "add", "sub", "mul", "div", "neg", "pad", "avg_pool", "identity"}
+    {
+        "conv",
+        "linear",
+        "batch_norm",
+        "add",
+        "sub",
+        "mul",
+        "div",
+        "neg",
+        "pad",
+        "avg_pool",
+        "identity",
+    }
 )
 _KINDS = AFFINE_KINDS | {"opaque"}
 
