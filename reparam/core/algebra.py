@@ -967,6 +967,7 @@ class _Affine:
     name: str = field(default="")
     dilation: tuple[int, int] = (1, 1)
     entry: Node | None = None
+    owned: bool = False  # ``kernel`` is a float64 array the fold made: a sum may add into it
 
     @property
     def out_channels(self) -> int:
@@ -1301,7 +1302,7 @@ def _compose(first: _Affine, second: _Affine) -> _Affine:
         kernel = first.kernel * scale[:, None, None, None]
         return _Affine(
             bias, first.groups, first.in_channels, first.stride, pads, pad_value, kernel,
-            name=name, dilation=first.dilation, entry=first.entry,
+            name=name, dilation=first.dilation, entry=first.entry, owned=True,
         )  # fmt: skip
     if first.scale is not None and first.stride == (1, 1):
         second_kernel = second.full_kernel(second.groups)
@@ -1313,7 +1314,7 @@ def _compose(first: _Affine, second: _Affine) -> _Affine:
         bias = second.bias + np.einsum("oihw,oi->o", second_kernel, first.bias[channel])
         return _Affine(
             bias, second.groups, first.in_channels, second.stride, pads, pad_value, kernel,
-            name=name, dilation=second.dilation, entry=first.entry,
+            name=name, dilation=second.dilation, entry=first.entry, owned=True,
         )  # fmt: skip
     return _compose_general(first.undilated(), second.undilated(), pads, name)
 
@@ -1353,6 +1354,7 @@ def _compose_general(first: _Affine, second: _Affine, pads: Pads, name: str) -> 
         kernel.reshape(-1, *kernel.shape[2:]),
         name=name,
         entry=first.entry,
+        owned=True,
     )
 
 
@@ -1395,18 +1397,37 @@ def _sum(parts: list[_Affine], node: Parallel) -> _Affine:
     first = parts[0]
     per_group = first.in_channels // groups
     taps = [(extents[axis][1] - 1) // rate[axis] + 1 for axis in range(2)]
-    kernel = np.zeros((first.out_channels, per_group, *taps))
+    shape = (first.out_channels, per_group, *taps)
+    offsets = [
+        ((extents[0][0] - p.pads[0][0]) // rate[0], (extents[1][0] - p.pads[1][0]) // rate[1])
+        for p in parts
+    ]
+    # add into a branch's own float64 kernel when it spans the whole sum (no new array)
+    start = next(
+        (
+            i
+            for i, p in enumerate(parts)
+            if p.owned
+            and p.kernel is not None
+            and p.kernel.dtype == np.float64
+            and p.groups == groups
+            and p.kernel.shape == shape
+            and offsets[i] == (0, 0)
+        ),
+        None,
+    )
+    kernel = np.zeros(shape) if start is None else parts[start].kernel
+    assert kernel is not None
     bias = np.zeros(first.out_channels)
-    for part in parts:
-        top = (extents[0][0] - part.pads[0][0]) // rate[0]
-        left = (extents[1][0] - part.pads[1][0]) // rate[1]
-        height, width = part.size
-        kernel[:, :, top : top + height, left : left + width] += part.full_kernel(groups)
+    for index, (part, (top, left)) in enumerate(zip(parts, offsets, strict=True)):
+        if index != start:
+            height, width = part.size
+            kernel[:, :, top : top + height, left : left + width] += part.full_kernel(groups)
         bias += part.bias
     pads = ((extents[0][0], extents[0][2]), (extents[1][0], extents[1][2]))
     return _Affine(
         bias, groups, first.in_channels, first.stride, pads, None, kernel, name=where,
-        dilation=rate, entry=node,
+        dilation=rate, entry=node, owned=True,
     )  # fmt: skip
 
 

@@ -670,11 +670,27 @@ def fold_graph(
     ReparamError
         On a malformed graph: a tensor nothing produces, a cycle, a bad option.
     """
-    func = "fold_graph"
     if not isinstance(graph, Graph):
         raise ReparamError(
-            f"{func}: graph must be a reparam.graph.Graph; got {type(graph).__name__}"
+            f"fold_graph: graph must be a reparam.graph.Graph; got {type(graph).__name__}"
         )
+    return _fold_graph(graph, max_cost_ratio, image_size, release=False)
+
+
+def _fold_graph(
+    graph: Graph,
+    max_cost_ratio: float,
+    image_size: tuple[int, int] | None,
+    *,
+    release: bool,
+    func: str = "fold_graph",
+) -> tuple[Graph, FoldReport]:
+    """:func:`fold_graph` on a checked graph. ``release``: the caller gives up ``graph``.
+
+    With ``release`` the parameters of each region are deleted from ``graph.constants`` (a
+    dict the caller owns and will not read again) as soon as the region is folded, so the
+    old and the new weights of a large model are not all held at once.
+    """
     if not isinstance(max_cost_ratio, int | float) or not max_cost_ratio > 0:
         raise ReparamError(f"{func}: max_cost_ratio must be a number > 0; got {max_cost_ratio!r}")
     if image_size is not None:
@@ -684,15 +700,31 @@ def fold_graph(
             raise ReparamError(f"{func}: image_size must be two positive ints; got {image_size!r}")
         image_size = (int(image_size[0]), int(image_size[1]))
     a = _analyse(graph)
+    before = (len(graph.ops), _stored(graph), _graph_cost(graph))
     cuts: set[str] = set()
     excluded: set[str] = set()
     refused: dict[tuple[str, str], Refusal] = {}
+    cache: dict[tuple[str, ...], _Plan | None] = {}
     while True:
-        plans, changed = _plan(a, cuts, excluded, refused, max_cost_ratio, image_size)
+        plans, changed = _plan(a, cuts, excluded, refused, max_cost_ratio, image_size, cache)
+        if release:
+            for plan in plans:
+                _release(a, plan.region)
         if not changed:
             break
     refusals = list(refused.values()) + _near_misses(a)
-    return _apply(a, plans, refusals, image_size)
+    return _apply(a, plans, refusals, before)
+
+
+def _release(a: _Analysis, region: _Region) -> None:
+    """Delete the parameters only ``region`` reads from the (caller's) constants."""
+    constants = a.graph.constants
+    assert isinstance(constants, dict)
+    names = set(region.names)
+    for op in region.ops:
+        for tensor in op.inputs:
+            if tensor in constants and all(r.name in names for r in a.consumers[tensor]):
+                del constants[tensor]
 
 
 @dataclass
@@ -702,6 +734,7 @@ class _Plan:
     dtype: np.dtype[Any]
     cost_before: int
     cost_after: int
+    parameters_before: int
 
 
 def _plan(
@@ -711,13 +744,23 @@ def _plan(
     refused: dict[tuple[str, str], Refusal],
     max_cost_ratio: float,
     image_size: tuple[int, int] | None,
+    cache: dict[tuple[str, ...], _Plan | None],
 ) -> tuple[list[_Plan], bool]:
-    """One round: the regions, each folded or cut; whether anything was cut."""
+    """One round: the regions, each folded or cut; whether anything was cut.
+
+    A region met in an earlier round is not folded again (``cache``): its plan, or None.
+    """
     plans = []
     changed = False
     for region in _regions(a, cuts, excluded):
         if len(region.ops) < 2 or not any(op.kind in ("conv", "linear") for op in region.ops):
             continue  # a conv alone is one conv already; without a conv, nothing to gain
+        if region.names in cache:
+            cached = cache[region.names]
+            if cached is not None:
+                plans.append(cached)
+            continue
+        cache[region.names] = None
         try:
             builder = _TreeBuilder(region, a)
             tree = builder.tree()
@@ -752,10 +795,14 @@ def _plan(
                 cuts |= new
                 changed = True
             continue
-        dtype = np.result_type(
-            *(a.constant(t) for op in region.ops for t in op.inputs if t in a.graph.constants)
-        )
-        plans.append(_Plan(region, conv, dtype, before, after))
+        params = {
+            t: a.constant(t) for op in region.ops for t in op.inputs if t in a.graph.constants
+        }
+        dtype = np.result_type(*params.values())
+        stored = sum(int(value.size) for value in params.values())
+        plan = _Plan(region, conv, dtype, before, after, stored)
+        cache[region.names] = plan
+        plans.append(plan)
     return plans, changed
 
 
@@ -823,7 +870,7 @@ def _apply(
     a: _Analysis,
     plans: list[_Plan],
     refusals: list[Refusal],
-    image_size: tuple[int, int] | None,
+    before: tuple[int, int, int | None],
 ) -> tuple[Graph, FoldReport]:
     graph = a.graph
     taken = {op.name for op in graph.ops} | set(graph.constants) | set(graph.inputs)
@@ -864,17 +911,13 @@ def _apply(
         new_ops[sink] = op
         for member in plan.region.ops:
             replaced[member.name] = plan
-        params_before = sum(
-            int(np.size(graph.constants[t]))
-            for t in {t for m in plan.region.ops for t in m.inputs if t in graph.constants}
-        )
         folded.append(
             FoldedRegion(
                 conv=op,
                 replaced=plan.region.names,
                 input=plan.region.source,
                 output=plan.region.output,
-                parameters_before=params_before,
+                parameters_before=plan.parameters_before,
                 parameters_after=int(conv.kernel.size + conv.bias.size),
                 multiply_adds_before=plan.cost_before,
                 multiply_adds_after=plan.cost_after,
@@ -892,11 +935,11 @@ def _apply(
     report = FoldReport(
         folded=tuple(folded),
         refused=tuple(refusals),
-        ops_before=len(graph.ops),
+        ops_before=before[0],
         ops_after=len(ops),
-        parameters_before=_stored(graph),
+        parameters_before=before[1],
         parameters_after=_stored(result),
-        multiply_adds_before=_graph_cost(graph),
+        multiply_adds_before=before[2],
         multiply_adds_after=_graph_cost(result),
     )
     return result, report

@@ -24,6 +24,7 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,7 +33,7 @@ import numpy.typing as npt
 
 from ..checkpoints.formats import shown, shown_path, write_atomic
 from ..core.errors import ReparamError
-from .fold import FoldReport, fold_graph
+from .fold import FoldReport, _fold_graph
 from .ir import Graph, Op
 
 __all__ = ["OnnxSource", "fold_onnx", "read_graph", "save_onnx", "write_graph"]
@@ -72,9 +73,14 @@ class OnnxSource:
         ``Constant`` nodes, and ``Identity`` nodes aliasing a constant, by the tensor they
         produce (they are constants of the graph, not ops).
     constants : mapping of str to ndarray
-        The graph's constants as read (a new constant is one not among them).
+        The graph's constants (the graph's own mapping).
+    names : frozenset of str
+        The names of the constants as read: a new constant is one not among them.
     elem_types : mapping of str to int
         The ONNX element type of every tensor whose type is known.
+    cleared : set of str
+        Initializers whose data :func:`fold_onnx` left out of ``model`` (they are arrays in
+        ``constants``; :func:`_write` writes back those the folded model still reads).
     """
 
     model: Any
@@ -83,6 +89,8 @@ class OnnxSource:
     constant_nodes: Mapping[str, Any]
     constants: Mapping[str, npt.NDArray[Any]]
     elem_types: Mapping[str, int]
+    names: frozenset[str] = frozenset()
+    cleared: set[str] = dataclass_field(default_factory=set)
 
 
 def _import_onnx(func: str) -> Any:
@@ -426,13 +434,21 @@ def _inference_model(model: Any, onnx: Any) -> Any:
     names = {i.name for i in model.graph.input}
     copy.graph.input.extend(model.graph.input)
     for tensor in model.graph.initializer:
-        if tensor.ByteSize() < _INFERENCE_THRESHOLD:
+        if _stored_bytes(tensor) < _INFERENCE_THRESHOLD:
             copy.graph.initializer.append(tensor)
         elif tensor.name not in names:
             copy.graph.input.append(
                 onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
             )
     return copy
+
+
+def _stored_bytes(tensor: Any) -> int:
+    """Return about how many bytes a TensorProto holds (ByteSize() would serialize it)."""
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    count = math.prod(int(d) for d in tensor.dims)
+    return 8 * count  # typed fields: at most 8 bytes an element
 
 
 def _set_field(target: Any, field: Any, value: Any) -> None:
@@ -894,6 +910,16 @@ def read_graph(model: Any, *, func: str = "read_graph") -> tuple[Graph, OnnxSour
     and inference ``Dropout`` become their kinds; every other node is
     ``opaque`` and reads what its subgraphs read too.
     """
+    return _read_graph(model, func=func, owned=False)
+
+
+def _read_graph(model: Any, *, func: str, owned: bool) -> tuple[Graph, OnnxSource]:
+    """:func:`read_graph`; ``owned``: the model was read from a file and is ours to rebuild.
+
+    An owned model is rebuilt without the data of its large initializers once they are
+    arrays (protobuf frees a message's memory only with the whole message): the weights are
+    then held once, as arrays, not twice.
+    """
     onnx = _import_onnx(func)
     proto, name, directory = _load(model, func, onnx)
     _opset(proto, name, func)
@@ -967,7 +993,56 @@ def read_graph(model: Any, *, func: str = "read_graph") -> tuple[Graph, OnnxSour
     result = Graph(
         tuple(ops), inputs, tuple(o.name for o in graph.output), constants, computed_shapes
     )
-    return result, OnnxSource(proto, name, sources, constant_nodes, dict(constants), types)
+    source = OnnxSource(
+        proto, name, sources, constant_nodes, constants, types, frozenset(constants)
+    )
+    if owned:
+        source = _without_weights(source, nodes, onnx)
+    return result, source
+
+
+def _without_weights(source: OnnxSource, nodes: list[Any], onnx: Any) -> OnnxSource:
+    """Return ``source`` on a copy of its model whose large initializers hold no data.
+
+    Those initializers are in ``source.constants`` as arrays; :func:`_write` writes back the
+    ones the folded model still reads (``cleared``). Nodes are re-pointed to the copy's.
+    """
+    model = source.model
+    copy = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _set_field(copy, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _set_field(copy.graph, field, value)
+    cleared = set()
+    for tensor in model.graph.initializer:
+        if (
+            _stored_bytes(tensor) >= _INFERENCE_THRESHOLD
+            and tensor.data_type != onnx.TensorProto.BFLOAT16  # its bits are not in the array
+            and tensor.name in source.constants
+        ):
+            bare = copy.graph.initializer.add()
+            bare.name = tensor.name
+            bare.data_type = tensor.data_type
+            bare.dims.extend(tensor.dims)
+            cleared.add(tensor.name)
+        else:
+            copy.graph.initializer.append(tensor)
+    where = {id(node): index for index, node in enumerate(nodes)}
+    moved = list(copy.graph.node)
+    ops = {name: (op, moved[where[id(node)]]) for name, (op, node) in source.ops.items()}
+    constant_nodes = {t: moved[where[id(node)]] for t, node in source.constant_nodes.items()}
+    return OnnxSource(
+        copy,
+        source.name,
+        ops,
+        constant_nodes,
+        source.constants,
+        source.elem_types,
+        source.names,
+        cleared,
+    )
 
 
 # --------------------------------------------------------------------------- write
@@ -992,6 +1067,15 @@ def _bfloat16_bits(array: npt.NDArray[Any]) -> npt.NDArray[np.uint16]:
     nan = np.isnan(wide)
     bits[nan] = ((np.float32(np.nan).view(np.uint32) >> 16) | 0x40).astype(np.uint16)
     return bits
+
+
+def _fill(tensor: Any, array: npt.NDArray[Any], elem_type: int | None, onnx: Any) -> None:
+    """Write ``array`` into ``tensor`` (its dims, type and raw data), as :func:`_initializer`."""
+    made = _initializer(tensor.name, array, elem_type, onnx)
+    del tensor.dims[:]
+    tensor.dims.extend(made.dims)
+    tensor.data_type = made.data_type
+    tensor.raw_data = made.raw_data
 
 
 def _initializer(name: str, array: npt.NDArray[Any], elem_type: int | None, onnx: Any) -> Any:
@@ -1046,6 +1130,16 @@ def write_graph(graph: Graph, report: FoldReport, source: OnnxSource) -> Any:
         raise ReparamError(
             f"{func}: source must be what read_graph returned; got {type(source).__name__}"
         )
+    return _write(graph, report, source, func=func, onnx=onnx, in_place=False)
+
+
+def _write(
+    graph: Graph, report: FoldReport, source: OnnxSource, *, func: str, onnx: Any, in_place: bool
+) -> Any:
+    """Build the folded model; ``in_place`` edits ``source.model`` itself (no weight copied).
+
+    Only :func:`fold_onnx` writes in place, on a model it read from a file and owns.
+    """
     new_convs = {region.conv.name: region.conv for region in report.folded}
     model = source.model
     nodes = []
@@ -1080,14 +1174,45 @@ def write_graph(graph: Graph, report: FoldReport, source: OnnxSource) -> Any:
             initializers.append(tensor)
             kept.add(tensor.name)
     parameter_of = {t: op for op in new_convs.values() for t in op.inputs[1:]}
-    for name, array in graph.constants.items():
-        if name in needed and source.constants.get(name) is not array:
-            conv = parameter_of.get(name)
-            # a Conv's weight and bias have the type of the tensor it reads
-            elem_type = source.elem_types.get(conv.inputs[0]) if conv is not None else None
-            initializers.append(_initializer(name, np.asarray(array), elem_type, onnx))
-            kept.add(name)
+    created = [name for name in graph.constants if name in needed and name not in source.names]
+    kept.update(created)
 
+    def elem_type(name: str) -> int | None:  # a Conv's weight and bias: the type of its input
+        conv = parameter_of.get(name)
+        return source.elem_types.get(conv.inputs[0]) if conv is not None else None
+
+    if not in_place:
+        initializers += [
+            _initializer(name, np.asarray(graph.constants[name]), elem_type(name), onnx)
+            for name in created
+        ]
+
+    initializer_names = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializer_names or i.name in kept]
+    produced = {o for node in [*constant_nodes, *nodes] for o in node.output}
+    existing = kept | produced | {i.name for i in inputs}
+    if in_place:
+        source_passes = _passes(model, onnx)  # checked before it is edited
+        result = model
+        out = result.graph
+        kept_nodes = [_copied(node, onnx) for node in [*constant_nodes, *nodes]]
+        for index in reversed(range(len(out.initializer))):  # drop in place: nothing copied
+            tensor = out.initializer[index]
+            if tensor.name not in kept:
+                del out.initializer[index]
+            elif not tensor.HasField("raw_data") and tensor.name in source.cleared:
+                _fill(tensor, source.constants[tensor.name], tensor.data_type, onnx)
+        _keep(out.input, lambda i: i.name not in initializer_names or i.name in kept)
+        _keep(out.value_info, lambda v: v.name in existing)
+        _keep(out.quantization_annotation, lambda q: q.tensor_name in existing)
+        del out.node[:]
+        out.node.extend(kept_nodes)
+        for name in created:  # each written into the model directly, not copied into it
+            tensor = out.initializer.add()
+            tensor.name = name
+            _fill(tensor, np.asarray(graph.constants[name]), elem_type(name), onnx)
+        _check(result, None if source_passes else model, source.name, func, onnx)
+        return result
     result = onnx.ModelProto()
     for field, value in model.ListFields():
         if field.name != "graph":
@@ -1097,20 +1222,30 @@ def write_graph(graph: Graph, report: FoldReport, source: OnnxSource) -> Any:
     for field, value in model.graph.ListFields():
         if field.name not in skip:
             _set_field(out, field, value)
-    initializer_names = {t.name for t in model.graph.initializer}
-    out.input.extend(
-        i for i in model.graph.input if i.name not in initializer_names or i.name in kept
-    )
+    out.input.extend(inputs)
     out.node.extend(constant_nodes)
     out.node.extend(nodes)
     out.initializer.extend(initializers)
-    existing = kept | {o for node in out.node for o in node.output} | {i.name for i in out.input}
     out.value_info.extend(v for v in model.graph.value_info if v.name in existing)
     out.quantization_annotation.extend(
         q for q in model.graph.quantization_annotation if q.tensor_name in existing
     )
     _check(result, model, source.name, func, onnx)
     return result
+
+
+def _copied(message: Any, onnx: Any) -> Any:
+    """Return a detached copy of a NodeProto (its container is about to be rewritten)."""
+    copy = onnx.NodeProto()
+    copy.CopyFrom(message)
+    return copy
+
+
+def _keep(container: Any, wanted: Any) -> None:
+    """Delete, in place, the items of a repeated protobuf field that ``wanted`` rejects."""
+    for index in reversed(range(len(container))):
+        if not wanted(container[index]):
+            del container[index]
 
 
 def _conv_node(op: Op, onnx: Any) -> Any:
@@ -1138,16 +1273,30 @@ def _gemm_node(op: Op, onnx: Any) -> Any:
     return onnx.helper.make_node("Gemm", list(op.inputs), list(op.outputs), name=op.name, transB=1)
 
 
-def _check(result: Any, model: Any, name: str, func: str, onnx: Any) -> None:
-    """Run the full checker on the result; a failure is ours only if the source passes it."""
-    if result.ByteSize() >= PROTOBUF_LIMIT - _HEADROOM:
-        return  # the checker serializes the model: too large to check in memory
+def _passes(model: Any, onnx: Any) -> bool:
+    """Whether ``model`` passes the full checker (on its structure: see :func:`_check`)."""
     try:
-        onnx.checker.check_model(result, full_check=True)
+        onnx.checker.check_model(_inference_model(model, onnx), full_check=True)
+    except Exception:  # onnx.checker.ValidationError, or shape inference's errors
+        return False
+    return True
+
+
+def _check(result: Any, model: Any | None, name: str, func: str, onnx: Any) -> None:
+    """Run the full checker on the result; a failure is ours only if the source passes it.
+
+    ``model`` is the source, or None when it is known to pass (checked before an edit
+    in place).
+
+    The checker serializes the model and infers shapes on it: it runs on a copy whose
+    large initializers are typed graph inputs (:func:`_inference_model`), which checks the
+    same structure without copying the weights (the new ones are written from arrays of
+    the right shape and type).
+    """
+    try:
+        onnx.checker.check_model(_inference_model(result, onnx), full_check=True)
     except Exception as exc:  # onnx.checker.ValidationError, or shape inference's errors
-        try:
-            onnx.checker.check_model(model, full_check=True)
-        except Exception:
+        if model is not None and not _passes(model, onnx):
             return  # the source fails it too: the fold made nothing worse
         raise ReparamError(
             f"{func}: the folded {name} fails onnx.checker ({type(exc).__name__}: "
@@ -1216,9 +1365,15 @@ def fold_onnx(
     1 regions folded; ops 3 -> 1; parameters 160 -> 148; multiply-adds 10,240 -> 9,216
     """
     func = "fold_onnx"
-    graph, source = read_graph(model, func=func)
-    folded, report = fold_graph(graph, max_cost_ratio=max_cost_ratio, image_size=image_size)
-    return write_graph(folded, report, source), report
+    onnx = _import_onnx(func)
+    # A model read from a file is ours: its weights, once arrays, need not stay in it too (the
+    # ones the folded model still reads are written back), and the result is built in it.
+    in_place = not isinstance(model, onnx.ModelProto)
+    graph, source = _read_graph(model, func=func, owned=in_place)
+    # the graph is ours too when the model is: each region's weights go once it is folded
+    folded, report = _fold_graph(graph, max_cost_ratio, image_size, release=in_place, func=func)
+    del graph
+    return _write(folded, report, source, func=func, onnx=onnx, in_place=in_place), report
 
 
 def _raw_bytes(tensor: Any, onnx: Any) -> bytes:
