@@ -162,7 +162,7 @@ def _read(path: str, args: argparse.Namespace, *, network_only: bool = False) ->
             path,
             layout=getattr(args, "layout", None),
             arch=getattr(args, "arch", None),
-            eps=getattr(args, "eps", 1e-5),
+            eps=1e-5 if getattr(args, "eps", None) is None else args.eps,
             strides=_strides(_overrides(args)),
             network_only=network_only,
         )
@@ -1008,8 +1008,11 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--eps",
             type=float,
-            default=1e-5,
-            help="BatchNorm epsilon of every block (default 1e-5; YOLOv6 models use 1e-3)",
+            default=None,
+            help=(
+                "BatchNorm epsilon of every block (default: each family's published one, 1e-5, "
+                "or 1e-3 for ultralytics, YOLOv7 and YOLOv9; YOLOv6 models use 1e-3)"
+            ),
         )
 
     def max_cost_ratio(command: argparse.ArgumentParser) -> None:

@@ -29,7 +29,8 @@ from torch_families import (
     PUBLISHED_KEYS,
     BNAndPadLayer,
     IdentityBasedConv1x1,
-    deploy_padding,
+    block_forward,
+    geometry,
     numpy_state,
     randomize_,
     set_bn_eps_,
@@ -50,13 +51,11 @@ def _build(name: str, kwargs: dict[str, Any], seed: int = 0) -> nn.Module:
     return randomize_(FAMILY_CLASSES[name](**kwargs).double(), seed)
 
 
-def _geometry(kwargs: dict[str, Any]) -> tuple[int, int, int, int]:
-    return (
-        int(kwargs["in_channels"]),
-        int(kwargs["out_channels"]),
-        int(kwargs.get("kernel_size", 3)),
-        int(kwargs.get("stride", 1)),
-    )
+def _geometry(name: str, kwargs: dict[str, Any]) -> tuple[int, int, int, int]:
+    """``(C_in, C_out, span, stride)``: a dilated kernel measured as its undilated span."""
+    shape = geometry(name, kwargs)
+    span = shape.dilation * (shape.kernel_size - 1) + 1
+    return shape.in_channels, shape.out_channels, span, shape.stride
 
 
 @torch.no_grad()
@@ -71,7 +70,7 @@ def measure_conv(
     """
     size = 2 * k + 2 * stride + 1
     zero = torch.zeros(1, cin, size, size, dtype=torch.float64)
-    base = module(zero)
+    base = block_forward(module, zero)
     bias = base[0, :, 0, 0].clone()
     np.testing.assert_allclose(
         base.numpy(),
@@ -84,7 +83,7 @@ def measure_conv(
     probes = torch.zeros(len(phases), cin, size, size, dtype=torch.float64)
     for n, (c, a, b) in enumerate(phases):
         probes[n, c, k + a, k + b] = 1.0
-    response = module(probes) - base
+    response = block_forward(module, probes) - base
     kernel = torch.full((base.shape[1], cin, k, k), float("nan"), dtype=torch.float64)
     for n, (c, a, b) in enumerate(phases):
         for dy in range((k + a + padding) % stride, k, stride):
@@ -103,24 +102,40 @@ def test_keys_are_the_published_layout(name: str, kwargs: dict[str, Any]) -> Non
     assert list(module.state_dict()) == expected, f"{name}({kwargs}) key layout"
 
 
+@torch.no_grad()
+def measure_linear(module: nn.Module, cin: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of the fully connected layer ``module`` equals, on (N, C_in) features."""
+    bias = module(torch.zeros(1, cin, dtype=torch.float64))[0]
+    weight = (module(torch.eye(cin, dtype=torch.float64)) - bias).T
+    return weight[:, :, None, None], bias
+
+
 @pytest.mark.parametrize(("name", "kwargs"), CASES)
 def test_train_form_is_one_conv(name: str, kwargs: dict[str, Any]) -> None:
-    cin, cout, k, stride = _geometry(kwargs)
-    groups = int(kwargs.get("groups", 1))
-    padding = deploy_padding(name, kwargs)
+    cin, cout, k, stride = _geometry(name, kwargs)
+    shape = geometry(name, kwargs)
+    groups, padding = shape.groups, shape.padding
     module = _build(name, kwargs)
-    kernel, bias = measure_conv(module, cin, k, stride, padding)
+    if shape.features:
+        kernel, bias = measure_linear(module, cin)
+    else:
+        kernel, bias = measure_conv(module, cin, k, stride, padding)
 
     in_group = torch.arange(cin) // (cin // groups)
     out_group = torch.arange(cout) // (cout // groups)
     outside = out_group[:, None] != in_group[None, :]
     assert torch.all(kernel[outside] == 0), f"{name}({kwargs}): kernel leaks across groups"
-    assert torch.all(kernel != 0, dim=(2, 3))[~outside].any(), "probe measured an empty kernel"
+    taps = kernel[:, :, :: shape.dilation, :: shape.dilation]  # a dilated kernel's own taps
+    assert torch.all(taps != 0, dim=(2, 3))[~outside].any(), "probe measured an empty kernel"
 
-    x = torch.randn(2, cin, 11, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    size = () if shape.features else (11, 8)
+    x = torch.randn(2, cin, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        actual = module(x)
-    expected = F.conv2d(x, kernel, bias, stride=stride, padding=padding)
+        actual = block_forward(module, x)
+    if shape.features:
+        expected = F.linear(x, kernel[:, :, 0, 0], bias)
+    else:
+        expected = F.conv2d(x, kernel, bias, stride=stride, padding=padding)
     assert actual.shape == expected.shape, f"{name}({kwargs}): output shape"
     np.testing.assert_allclose(
         actual.numpy(),
@@ -133,13 +148,14 @@ def test_train_form_is_one_conv(name: str, kwargs: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(("name", "kwargs"), CASES)
 def test_float32_copy_agrees(name: str, kwargs: dict[str, Any]) -> None:
-    cin, _, _, _ = _geometry(kwargs)
+    cin, _, _, _ = _geometry(name, kwargs)
     module64 = _build(name, kwargs, seed=3)
     module32 = randomize_(FAMILY_CLASSES[name](**kwargs), 3)
-    x = torch.randn(1, cin, 9, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    size = () if geometry(name, kwargs).features else (9, 12)
+    x = torch.randn(1, cin, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        out64 = module64(x)
-        out32 = module32(x.float())
+        out64 = block_forward(module64, x)
+        out32 = block_forward(module32, x.float())
     assert out32.dtype == torch.float32
     np.testing.assert_allclose(out32.numpy(), out64.numpy(), rtol=1e-4, atol=1e-5)
 

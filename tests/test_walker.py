@@ -8,6 +8,7 @@ loaded back with ``strict=True`` into a torch model whose blocks are the familie
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -23,16 +24,19 @@ from torch import nn
 from torch_families import (
     FAMILY_CLASSES,
     PUBLISHED_CONFIGS,
-    deploy_padding,
+    PUBLISHED_EPS,
+    block_forward,
+    geometry,
     numpy_state,
     randomize_,
+    set_bn_eps_,
 )
 
 import reparam
 from reparam import ReparamError
 from reparam.checkpoints import read_tensors, write_tensors
 from reparam.checkpoints.walker import convert_state_dict, parse_override
-from reparam.families import FAMILIES
+from reparam.families import FAMILIES, KEY_LAYOUTS
 
 MAX_LINE = 300
 
@@ -63,28 +67,50 @@ def _error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
 
 
 class _Deploy(nn.Module):
-    """A family's deploy module: one conv with bias (and QARepVGG's kept post-sum BN)."""
+    """A family's deploy module: one conv with bias (and QARepVGG's kept post-sum BN).
+
+    ``kept`` holds train-form modules outside the fused part, passed through unchanged
+    (RepGhost's ``primary_conv``); ``forward`` runs the fused part only.
+    """
 
     def __init__(
-        self, conv_name: str, config: dict[str, Any], padding: int, keeps_bn: bool
+        self, conv_name: str, conv: nn.Module, keeps_bn: bool, kept: dict[str, nn.Module]
     ) -> None:
         super().__init__()
-        out = config["out_channels"]
-        conv = nn.Conv2d(
-            config["in_channels"],
-            out,
-            config.get("kernel_size", 3),
-            stride=config.get("stride", 1),
-            padding=padding,
-            groups=config.get("groups", 1),
-        )
         self.conv_name = conv_name
         self.add_module(conv_name, conv)
+        for name, module in kept.items():
+            self.add_module(name, module)
+        out = conv.weight.shape[0]
         self.bn = nn.BatchNorm2d(out) if keeps_bn else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = getattr(self, self.conv_name)(x)
         return out if self.bn is None else self.bn(out)
+
+
+def _deploy_twin(name: str, config: dict[str, Any], layout: str, train: nn.Module) -> nn.Module:
+    """The published deploy form of a block: the fused conv under its deploy name."""
+    shape = geometry(name, config)
+    conv: nn.Module
+    if shape.features:
+        conv = nn.Linear(shape.in_channels, shape.out_channels)
+    else:
+        conv = nn.Conv2d(
+            shape.in_channels, shape.out_channels, shape.kernel_size, stride=shape.stride,
+            padding=shape.padding, groups=shape.groups, dilation=shape.dilation,
+        )  # fmt: skip
+    family = FAMILIES[name]
+    conv_name = "reparam_conv" if layout == "timm" else family.deploy_prefix
+    if not conv_name:  # the fused module replaces the block (RepViT)
+        return conv
+    top = next(lay.top for lay in KEY_LAYOUTS if name in lay.families)
+    kept = {
+        child: copy.deepcopy(module)
+        for child, module in train.named_children()
+        if child not in top and child not in family.kept and module.state_dict()
+    }
+    return _Deploy(conv_name, conv, bool(family.kept), kept)
 
 
 class _SE(nn.Module):
@@ -132,7 +158,16 @@ CASES = [
     for name in FAMILY_CLASSES
     for index in range(len(PUBLISHED_CONFIGS[name]))
     for layout in ("published", *(("timm",) if name in TIMM else ()))
+    # RepGhost without fusion_bn has nothing but its identity to fold, and no key to tell it
+    if not (name == "RepGhostModule" and not PUBLISHED_CONFIGS[name][index].get("reparam_bn", True))
 ]
+
+#: What the tensors cannot say, stated per block as the command line's --set (value from config).
+STATED = {
+    "QARepVGGBlock": {"stride": 1, "groups": 1, "family": None},
+    "QARepVGGBlockV2": {"stride": 1, "groups": 1, "family": None},
+    "RepGhostModule": {"reparam_identity": False},
+}
 
 
 @settings(max_examples=12, deadline=None)
@@ -160,17 +195,19 @@ def test_cli_converts_mixed_checkpoints_that_load_strictly(
         path = ".".join(["model", *(f"m{rng.integers(9)}" for _ in range(depth)), f"b{number}"])
         module = FAMILY_CLASSES[name](**config)
         randomize_(module, seed + number)
+        eps = PUBLISHED_EPS.get(name, 1e-5)
+        set_bn_eps_(module, eps)
+        sets.append(f"{path}.eps={eps}")  # stated: right whatever the command line's default
         train[path] = module
-        family = FAMILIES[name]
-        conv_name = "reparam_conv" if layout == "timm" else family.deploy_prefix
-        padding = deploy_padding(name, config)
-        deploy[path] = _Deploy(conv_name, config, padding, keeps_bn=bool(family.kept))
-        if name.startswith("QARepVGG"):
-            sets += [f"{path}.stride={config.get('stride', 1)}"]
-            sets += [f"{path}.groups={config.get('groups', 1)}", f"{path}.family={name}"]
+        deploy[path] = _deploy_twin(name, config, layout, module)
+        for option, default in STATED.get(name, {}).items():
+            value = name if option == "family" else config.get(option, default)
+            sets.append(f"{path}.{option}={value}")
         blocks.append((path, name, config, layout))
-    train["model.b0.se"] = _SE(PUBLISHED_CONFIGS[picks[0][0]][picks[0][1]]["out_channels"])
-    deploy["model.b0.se"] = _SE(PUBLISHED_CONFIGS[picks[0][0]][picks[0][1]]["out_channels"])
+    # an SE module inside a block's prefix, not part of it (an nn.Sequential block would run it)
+    host = next((p for p, *_ in blocks if not isinstance(train[p], nn.Sequential)), "model")
+    train[f"{host}.se"] = _SE(4)
+    deploy[f"{host}.se"] = _SE(4)
     train_model = _holder(train).double().eval()
     state = numpy_state(train_model, dtype)
     for path, name, _, layout in blocks:
@@ -182,7 +219,7 @@ def test_cli_converts_mixed_checkpoints_that_load_strictly(
     assert result.returncode == 0, result.stderr
     assert f"blocks found:  {len(blocks)}" in result.stdout, result.stdout
     converted = read_tensors(target)
-    for key in ("head.fc.weight", "downsample.1.num_batches_tracked", "model.b0.se.up.bias"):
+    for key in ("head.fc.weight", "downsample.1.num_batches_tracked", f"{host}.se.up.bias"):
         np.testing.assert_array_equal(converted[key], state[key], err_msg=f"{key} changed")
     floats = {k: v.dtype for k, v in converted.items() if v.dtype.kind == "f"}
     assert set(floats.values()) == {np.dtype(dtype)}, f"dtypes {set(floats.values())}"
@@ -191,9 +228,11 @@ def test_cli_converts_mixed_checkpoints_that_load_strictly(
         {key: torch.tensor(value) for key, value in converted.items()}, strict=True
     )
     for path, name, config, _ in blocks:
-        x = torch.from_numpy(rng.standard_normal((2, config["in_channels"], 9, 11)))
+        shape = geometry(name, config)
+        size = () if shape.features else (9, 11)
+        x = torch.from_numpy(rng.standard_normal((2, shape.in_channels, *size)))
         with torch.no_grad():
-            expected = train_model.get_submodule(path)(x).numpy()
+            expected = block_forward(train_model.get_submodule(path), x).numpy()
             got = deploy_model.get_submodule(path)(x).numpy()
         assert_close(got, expected, dtype=dtype, what=f"{name} at {path}")
 

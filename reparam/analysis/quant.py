@@ -164,7 +164,7 @@ def _activation_quant(rmin: float, rmax: float) -> ActivationQuant:
 
 
 def _weight_limit(reduce_range: bool) -> int:
-    """The largest weight step: 127, or 64 for onnxruntime's 7-bit ``reduce_range`` (-64..64)."""
+    """Return the largest weight step: 127, or 64 with onnxruntime's 7-bit ``reduce_range``."""
     return 64 if reduce_range else 127
 
 

@@ -7,7 +7,11 @@ modules, classifiers. The walker needs neither the model's code nor PyTorch:
 1. every key that ends in a registered layout's marker (``rbr_dense.conv.weight``,
    ``conv_kxk.0.conv.weight``, ``dbb_origin.conv.weight``, ...) names a block
    prefix; the block's keys are those under the prefix whose first segment
-   belongs to the layout (``rbr_dense``, ``rbr_1x1``, ``rbr_identity``);
+   belongs to the layout (``rbr_dense``, ``rbr_1x1``, ``rbr_identity``). Where
+   a marker is a name other modules use too, the layout also requires further
+   keys and checks the tensors' shapes (ultralytics' ``LightConv`` has
+   ``RepConv``'s names and another structure); a block inside another block
+   (RepViT's ``Conv2d_BN`` in its ``RepVGGDW``) is part of the outer one;
 2. the block's configuration comes from its tensors (kernel sizes, groups
    where an identity branch or DBB's 1x1 -> kxk pair fixes them); what the
    fusion needs but the tensors cannot say is an error naming the block,
@@ -220,28 +224,106 @@ def recognisable(keys: Iterable[str]) -> bool:
     """Whether any key names a block of a registered family, train or deploy form.
 
     Cheap (key names only), so a file can be refused before its arrays are read.
+    Deploy names count only where they name a block by themselves
+    (``rbr_reparam.weight``, not ultralytics' generic ``conv.weight``).
     """
     names = [str(key) for key in keys]
     if _prefixes(names):
         return True
-    suffixes = tuple(f"{layout.deploy_prefix}.weight" for layout in KEY_LAYOUTS)
-    return any(key.endswith(suffixes) for key in names)
+    return bool(_deployed(names))
 
 
 def block_prefixes(keys: Iterable[str]) -> dict[str, str]:
-    """Return the train-form blocks the key names show: prefix -> family (names only)."""
+    """Return the train-form blocks the key names show: prefix -> family (names only).
+
+    The families' shape rules (:attr:`KeyLayout.fits`) need the tensors and are
+    not applied here.
+    """
     names = [str(key) for key in keys]
-    found = {}
-    for prefix, layouts in _prefixes(names).items():
-        layout = _recognise(prefix, layouts, names)
-        if layout is not None:
-            found[prefix] = layout.families[0]
-    return found
+    return {prefix: layout.families[0] for prefix, layout, _ in _locate(names)}
 
 
-def _recognise(prefix: str, layouts: list[KeyLayout], keys: list[str]) -> KeyLayout | None:
+def _recognise(
+    prefix: str,
+    layouts: list[KeyLayout],
+    keys: list[str],
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> KeyLayout | None:
+    """Return the first layout whose names (and, given shapes, structure) the keys have."""
     local = {name for key in keys if (name := _local(key, prefix)) is not None}
-    return next((layout for layout in layouts if layout.matches(local)), None)
+    for layout in layouts:
+        if not layout.matches(local):
+            continue
+        if shapes is None or layout.fits is None:
+            return layout
+        own = {
+            name: shapes[key]
+            for key in keys
+            if (name := _local(key, prefix)) is not None and name.split(".", 1)[0] in layout.top
+        }
+        if layout.fits_shapes(own):
+            return layout
+    return None
+
+
+def _locate(
+    keys: list[str], shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> list[tuple[str, KeyLayout, list[str]]]:
+    """Every block the keys show, ``(prefix, layout, its keys)``, blocks inside blocks dropped.
+
+    A block nested in another (RepViT's ``Conv2d_BN`` inside its ``RepVGGDW``,
+    MobileOne's block inside FastViT's ``RepMixer``) is part of the outer one.
+
+    Raises
+    ------
+    ReparamError
+        If two blocks claim some keys without one containing the other.
+    """
+    located = []
+    for prefix, candidates in _prefixes(keys).items():
+        layout = _recognise(prefix, candidates, keys, shapes)
+        if layout is None:
+            continue
+        block_keys = [
+            key
+            for key in keys
+            if (local := _local(key, prefix)) is not None and local.split(".", 1)[0] in layout.top
+        ]
+        located.append((prefix, layout, block_keys))
+    claimed = {prefix: set(block_keys) for prefix, _, block_keys in located}
+    kept = []
+    for prefix, layout, block_keys in located:
+        # a block's keys lie under its prefix, so only a block at an enclosing prefix can share
+        # them: "a.b.c" is checked against "a.b", "a" and the top level ""
+        parts = prefix.split(".") if prefix else []
+        enclosing = [".".join(parts[:end]) for end in range(len(parts) - 1, -1, -1)]
+        inside = False
+        for outer in (name for name in enclosing if name in claimed):
+            shared = claimed[prefix] & claimed[outer]
+            if shared and not claimed[prefix] <= claimed[outer]:
+                raise ReparamError(
+                    f"checkpoint: the blocks at {prefix} and {outer or '(top level)'} share "
+                    "keys without one containing the other"
+                )
+            inside |= bool(shared)
+        if not inside:
+            kept.append((prefix, layout, block_keys))
+    return kept
+
+
+def _deployed(keys: list[str]) -> list[str]:
+    """Prefixes of blocks in deploy form, by the layouts whose deploy name marks a block."""
+    found: list[str] = []
+    for layout in KEY_LAYOUTS:
+        if not layout.deploy_named:
+            continue
+        suffix = layout.deploy_key
+        for key in keys:
+            if key == suffix or key.endswith("." + suffix):
+                prefix = key[: -len(suffix)].rstrip(".")
+                if prefix not in found:
+                    found.append(prefix)
+    return found
 
 
 def _count(arrays: Iterable[tuple[str, npt.NDArray[Any]]]) -> int:
@@ -266,7 +348,7 @@ def _non_finite(state: Mapping[str, Any]) -> list[str]:
 
 
 def find_blocks(
-    state: Mapping[str, Any], *, overrides: Overrides | None = None, eps: float = 1e-5
+    state: Mapping[str, Any], *, overrides: Overrides | None = None, eps: float | None = None
 ) -> tuple[list[FoundBlock], list[str]]:
     """Find and read every block of every registered family in a flat state dict.
 
@@ -278,9 +360,10 @@ def find_blocks(
         Constructor options per block prefix (``fnmatch`` patterns allowed),
         for what the tensors cannot say: ``stride``, ``groups``, ``eps``,
         ``family`` (``QARepVGGBlockV2``), any published option.
-    eps : float, default 1e-5
-        BatchNorm epsilon of every block without an ``eps`` override
-        (YOLOv6 models use 1e-3).
+    eps : float, optional
+        BatchNorm epsilon of every block without an ``eps`` override; by
+        default each family's published one (1e-5; 1e-3 for the ultralytics,
+        YOLOv7 and YOLOv9 blocks). YOLOv6 models use 1e-3.
 
     Returns
     -------
@@ -298,20 +381,12 @@ def find_blocks(
     keys = [str(key) for key in state]
     problems = _non_finite(state)
     found: list[FoundBlock] = []
-    deployed: list[str] = []
-    for prefix, candidates in _prefixes(keys).items():
-        layout = _recognise(prefix, candidates, keys)
-        if layout is None:
-            continue
+    shapes = {key: tuple(np.shape(value)) for key, value in state.items()}
+    for prefix, layout, block_keys in _locate(keys, shapes):
         dot = f"{prefix}." if prefix else ""
-        block_keys = [
-            key
-            for key in keys
-            if (local := _local(key, prefix)) is not None and local.split(".", 1)[0] in layout.top
-        ]
-        if f"{dot}{layout.deploy_prefix}.weight" in state:
+        if f"{dot}{layout.deploy_key}" in state:
             problems.append(
-                f"{prefix or '(top level)'} mixes the deploy conv ({layout.deploy_prefix}) with "
+                f"{prefix or '(top level)'} mixes the deploy conv ({layout.deploy_key}) with "
                 "train-form branches"
             )
             continue
@@ -322,12 +397,7 @@ def find_blocks(
                 f"{prefix or '(top level)'}: {_with_full_names(str(exc), prefix, layout)}"
             )
     fused = {block.prefix for block in found}
-    for layout in KEY_LAYOUTS:
-        suffix = f"{layout.deploy_prefix}.weight"
-        for key in keys:
-            prefix = key[: -len(suffix)].rstrip(".")
-            if key.endswith(suffix) and prefix not in fused and prefix not in deployed:
-                deployed.append(prefix)
+    deployed = [prefix for prefix in _deployed(keys) if prefix not in fused]
     if problems:
         raise ReparamError(
             f"checkpoint: {len(problems)} problem{'s' if len(problems) > 1 else ''}: "
@@ -343,11 +413,12 @@ def _with_full_names(message: str, prefix: str, layout: KeyLayout) -> str:
     the user knows them as ``{prefix}.{the layout's name}`` (``neck.3.conv_1x1.bn.running_var``).
     """
     own = {layout.published(top): top for top in layout.top}
+    own |= {new.split(".", 1)[0]: new.split(".", 1)[0] for _, new in layout.renames}
     dot = f"{prefix}." if prefix else ""
     pattern = "|".join(re.escape(name) for name in sorted(own, key=len, reverse=True))
     return re.sub(
         rf"(?<![\w.])({pattern})((?:\.[\w]+)*)(?![\w])",
-        lambda match: f"{dot}{own[match.group(1)]}{match.group(2)}",
+        lambda match: f"{dot}{layout.local(match.group(1) + match.group(2))}",
         message,
     )
 
@@ -358,10 +429,12 @@ def _read_block(
     keys: list[str],
     state: Mapping[str, Any],
     overrides: Overrides,
-    eps: float,
+    eps: float | None,
 ) -> FoundBlock:
     stated = _options_for(prefix, overrides)
     name = str(stated.get("family", layout.families[0]))
+    # a repository-qualified family may be stated by its class name alone (RepConv)
+    name = next((f for f in layout.families if f.rpartition(".")[2] == name), name)
     if name not in layout.families:
         raise ReparamError(
             f"family={name!r} does not use these keys; expected one of "
@@ -388,7 +461,7 @@ def _read_block(
 
 
 def convert_state_dict(
-    state: Mapping[str, Any], *, overrides: Overrides | None = None, eps: float = 1e-5
+    state: Mapping[str, Any], *, overrides: Overrides | None = None, eps: float | None = None
 ) -> tuple[dict[str, npt.NDArray[Any]], ConversionReport]:
     """Fuse every block of every registered family; copy every other tensor through.
 

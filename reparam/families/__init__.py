@@ -32,6 +32,7 @@ from ..core.errors import ReparamError
 from .base import (
     FAMILIES,
     KEY_LAYOUTS,
+    PUBLISHED_NAMES,
     REQUIRED,
     Family,
     FamilyBlock,
@@ -46,18 +47,23 @@ from .base import (
 __all__ = [
     "FAMILIES",
     "KEY_LAYOUTS",
+    "PUBLISHED_NAMES",
     "REQUIRED",
     "Family",
     "FamilyBlock",
     "Inferred",
     "KeyLayout",
+    "family_named",
     "from_state_dict",
     "register_family",
     "register_layout",
 ]
 
 #: The family modules; each defines ``FAMILY`` (and may define more, e.g. ``FAMILY_V2``).
-_MODULES = ("repvgg", "dbb", "acnet", "mobileone", "replknet", "qarepvgg")
+_MODULES = (
+    "repvgg", "dbb", "acnet", "mobileone", "replknet", "qarepvgg",
+    "ultralytics", "yolov7", "repvit", "fastvit", "repghost", "unireplknet", "ppyoloe",
+)  # fmt: skip
 
 for _module in _MODULES:
     _loaded = importlib.import_module(f"{__name__}.{_module}")
@@ -66,8 +72,35 @@ for _module in _MODULES:
             register_family(getattr(_loaded, _attribute))
 
 
+def family_named(name: str) -> Family:
+    """Return the family a published class name names.
+
+    Raises
+    ------
+    ReparamError
+        For an unknown name, or one that two repositories publish with
+        different structures (``RepConv``): the message lists the registered
+        names to choose from.
+    """
+    family = FAMILIES.get(name)
+    if family is not None:
+        return family
+    choices = PUBLISHED_NAMES.get(name, ())
+    if len(choices) == 1 and choices[0] in FAMILIES:
+        return FAMILIES[choices[0]]
+    if choices:
+        raise ReparamError(
+            f"families.from_state_dict: {name!r} is published by several repositories with "
+            f"different structures; expected one of {', '.join(choices)}"
+        )
+    raise ReparamError(
+        f"families.from_state_dict: unknown block {name!r}; expected one of "
+        + ", ".join([*FAMILIES, *(n for n, c in PUBLISHED_NAMES.items() if len(c) == 1)])
+    )
+
+
 def from_state_dict(
-    name: str, state: Mapping[str, Any], *, eps: float = 1e-5, **config: Any
+    name: str, state: Mapping[str, Any], *, eps: float | None = None, **config: Any
 ) -> FamilyBlock:
     """Read one published block from its own state dict and constructor arguments.
 
@@ -76,13 +109,19 @@ def from_state_dict(
     name : str
         The published class name: ``"RepVGGBlock"``, ``"DiverseBranchBlock"``,
         ``"ACBlock"``, ``"MobileOneBlock"``, ``"ReparamLargeKernelConv"``,
-        ``"QARepVGGBlock"``, ``"QARepVGGBlockV2"`` (see :data:`FAMILIES`).
+        ``"QARepVGGBlock"``, ``"QARepVGGBlockV2"``, ... (see :data:`FAMILIES`);
+        qualified by the repository where two publish one name with different
+        structures (``"ultralytics.RepConv"``, ``"yolov7.RepConv"``); another
+        publication's name of a family is accepted too (timm's ``"ConvNorm"``,
+        see :data:`PUBLISHED_NAMES`).
     state : mapping of str to array_like
         The block's state-dict entries without a prefix (``rbr_dense.conv.weight``,
         ...); ``num_batches_tracked`` may be present and is ignored. Arrays or
         CPU tensors.
-    eps : float, default 1e-5
-        Every BatchNorm's epsilon (PyTorch's default; YOLOv6 models use 1e-3).
+    eps : float, optional
+        Every BatchNorm's epsilon; by default the one the family's published
+        models are built with (:attr:`Family.eps`: PyTorch's 1e-5, or 1e-3 for
+        the ultralytics, YOLOv7 and YOLOv9 blocks). YOLOv6 models use 1e-3 too.
     **config
         The published constructor's keyword arguments (``in_channels``,
         ``out_channels``, ``kernel_size``, ``stride``, ``padding``, ``groups``
@@ -103,14 +142,11 @@ def from_state_dict(
         One error for an unknown name, an unknown or missing option, or all
         the missing, unexpected and mis-shaped keys of the state together.
     """
-    family = FAMILIES.get(name)
-    if family is None:
-        raise ReparamError(
-            f"families.from_state_dict: unknown block {name!r}; expected one of "
-            + ", ".join(FAMILIES)
-        )
+    family = family_named(name)
+    if eps is None:
+        eps = family.eps
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
-        raise ReparamError(f"{name}: eps must be a finite number >= 0; got {eps!r}")
+        raise ReparamError(f"{family.name}: eps must be a finite number >= 0; got {eps!r}")
     resolved = resolve_config(family, config)
     reader = StateReader(family.name, state, eps=float(eps))
     tree = family.build(reader, resolved)

@@ -31,6 +31,7 @@ from ..core.params import BatchNorm
 
 __all__ = [
     "FAMILIES",
+    "PUBLISHED_NAMES",
     "REQUIRED",
     "Channels",
     "ConvOptions",
@@ -39,6 +40,7 @@ __all__ = [
     "StateReader",
     "register_family",
     "register_layout",
+    "register_name",
 ]
 
 
@@ -106,6 +108,22 @@ class KeyLayout:
         Keys that must not be present (they mark another layout).
     source : str
         Whose code uses these names.
+    requires : tuple of str
+        Further keys every train-form block of this layout has (where the
+        marker alone is a name other modules use too).
+    fits : callable, optional
+        ``fits(shapes) -> bool`` on the shapes of the block's keys (published
+        names): whether the tensors have this family's structure at all. A
+        module with the same key names and another structure (ultralytics'
+        ``LightConv`` has ``RepConv``'s names, a 1x1 then a depthwise kxk) is
+        then not taken for a block of the family.
+    deploy_marker : str
+        The key whose presence marks the deploy form beside train-form keys
+        (``{deploy_prefix}.weight`` by default; ``conv.bias`` where the train
+        form has a ``conv.weight`` of its own).
+    deploy_named : bool, default True
+        Whether ``{deploy_prefix}.weight`` alone names a deployed block (not so
+        for a generic name such as ``conv``).
     """
 
     name: str
@@ -116,18 +134,53 @@ class KeyLayout:
     renames: tuple[tuple[str, str], ...] = ()
     absent: tuple[str, ...] = ()
     source: str = ""
+    requires: tuple[str, ...] = ()
+    fits: Callable[[Mapping[str, tuple[int, ...]]], bool] | None = None
+    deploy_marker: str = ""
+    deploy_named: bool = True
 
     def published(self, key: str) -> str:
-        """Return the family's published name of a local key in this layout."""
-        head, _, rest = key.partition(".")
-        for old, new in self.renames:
-            if head == old:
-                return f"{new}.{rest}" if rest else new
+        """Return the family's published name of a local key in this layout.
+
+        A rename's old name may span several segments (timm's
+        ``mixer.conv_kxk`` -> ``mixer.rbr_conv``); the longest match wins.
+        """
+        for old, new in sorted(self.renames, key=lambda pair: -len(pair[0])):
+            if key == old or key.startswith(old + "."):
+                return new + key[len(old) :]
+        return key
+
+    def local(self, key: str) -> str:
+        """Return this layout's name of a published local key (the inverse of :meth:`published`)."""
+        for old, new in sorted(self.renames, key=lambda pair: -len(pair[1])):
+            if key == new or key.startswith(new + "."):
+                return old + key[len(new) :]
         return key
 
     def matches(self, local_keys: set[str]) -> bool:
         """Whether a block's local keys (relative to its prefix) are of this layout."""
-        return self.marker in local_keys and not any(key in local_keys for key in self.absent)
+        return (
+            self.marker in local_keys
+            and all(key in local_keys for key in self.requires)
+            and not any(key in local_keys for key in self.absent)
+        )
+
+    def fits_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        """Whether the block's tensor shapes (by local key) have the family's structure."""
+        if self.fits is None:
+            return True
+        published = {self.published(key): shape for key, shape in shapes.items()}
+        try:
+            return bool(self.fits(published))
+        except (KeyError, IndexError, ValueError):
+            return False
+
+    @property
+    def deploy_key(self) -> str:
+        """The key that marks a block of this layout in deploy form (see ``deploy_marker``)."""
+        if self.deploy_marker:
+            return self.deploy_marker
+        return f"{self.deploy_prefix}.weight" if self.deploy_prefix else "weight"
 
 
 #: Every registered key layout, most specific first (the walker takes the first match).
@@ -167,6 +220,17 @@ class Family:
         Train-form modules the published deploy form keeps beside the fused
         conv (QARepVGG keeps its post-sum ``bn``); their tensors are written
         unchanged and the conv is fused without them.
+    eps : float, default 1e-5
+        The BatchNorm epsilon the published models are built with (PyTorch's
+        default; ultralytics, YOLOv7 and YOLOv9 set 1e-3 when they build a
+        model). :func:`reparam.families.from_state_dict` uses it unless told
+        otherwise.
+    aliases : tuple of (str, str)
+        ``(name, option)``: another publication's name of an option (timm's
+        ``in_dim`` for RepViT's ``a``); either name may be given, not both.
+    linear : bool, default False
+        The published deploy module is a fully connected layer
+        (``weight`` of shape (C_out, C_in)), not a conv.
     """
 
     name: str
@@ -176,10 +240,31 @@ class Family:
     source: str
     infer: Inferrer | None = None
     kept: tuple[str, ...] = ()
+    eps: float = 1e-5
+    aliases: tuple[tuple[str, str], ...] = ()
+    linear: bool = False
 
 
 #: Every registered family, by published class name.
 FAMILIES: dict[str, Family] = {}
+
+#: Other published class names: a name of another publication of one family (timm's
+#: ``ConvNorm`` is RepViT's ``Conv2d_BN``), or a name two repositories publish with different
+#: structures (``RepConv``), which then lists the registered names to choose from.
+PUBLISHED_NAMES: dict[str, tuple[str, ...]] = {}
+
+
+def register_name(name: str, *families: str) -> None:
+    """Record another published class name of one family, or of several (then ambiguous).
+
+    Raises
+    ------
+    ReparamError
+        If the name is registered as a family itself.
+    """
+    if name in FAMILIES:
+        raise ReparamError(f"register_name: {name!r} is a registered family")
+    PUBLISHED_NAMES[name] = tuple(dict.fromkeys(PUBLISHED_NAMES.get(name, ()) + families))
 
 
 def register_family(family: Family) -> Family:
@@ -261,15 +346,28 @@ class StateReader:
             return np.zeros(shape, dtype=self.dtype)
         return value
 
-    def bn(self, prefix: str, channels: int, *, affine: bool = True) -> BatchNorm:
+    def has(self, key: str) -> bool:
+        """Whether the state holds ``key`` (for blocks whose structure its keys tell)."""
+        return key in self._state
+
+    def bn(
+        self,
+        prefix: str,
+        channels: int,
+        *,
+        affine: bool = True,
+        statistics: tuple[str, str] = ("running_mean", "running_var"),
+    ) -> BatchNorm:
         """Return the BatchNorm stored under ``prefix`` (weight, bias, running statistics).
 
         ``affine=False`` reads a BatchNorm without ``weight`` and ``bias``
         (gamma 1, beta 0), as PyTorch stores ``BatchNorm2d(affine=False)``.
+        ``statistics`` names the running mean and variance (Paddle's
+        ``_mean``, ``_variance``).
         """
         shape = (channels,)
-        mean = self.array(f"{prefix}.running_mean", shape)
-        var = self.array(f"{prefix}.running_var", shape)
+        mean = self.array(f"{prefix}.{statistics[0]}", shape)
+        var = self.array(f"{prefix}.{statistics[1]}", shape)
         if affine:
             gamma = self.array(f"{prefix}.weight", shape)
             beta = self.array(f"{prefix}.bias", shape)
@@ -339,7 +437,10 @@ class FamilyBlock:
         return self.family.name
 
     def __call__(self, x: npt.ArrayLike) -> FloatArray:
-        """Run the train form on an NCHW batch (the output before the block's activation)."""
+        """Run the train form on an NCHW batch, or on (N, C) features for a linear block.
+
+        The output is taken before the block's activation.
+        """
         try:
             return evaluate(self.tree, x)
         except ReparamError as exc:
@@ -384,10 +485,14 @@ class FamilyBlock:
         deploy_prefix : str, optional
             The deploy module's name; the family's own by default (another key
             layout may name it differently, e.g. timm's ``reparam_conv``).
+            ``""`` where the deploy module replaces the block itself (RepViT's
+            fused blocks are stored as ``weight`` and ``bias``).
         """
         conv = self.deploy_conv()
-        prefix = deploy_prefix or self.family.deploy_prefix
-        return {f"{prefix}.weight": conv.kernel, f"{prefix}.bias": conv.bias}
+        prefix = self.family.deploy_prefix if deploy_prefix is None else deploy_prefix
+        dot = f"{prefix}." if prefix else ""
+        weight, bias = conv.as_linear() if self.family.linear else (conv.kernel, conv.bias)
+        return {f"{dot}weight": weight, f"{dot}bias": bias}
 
     def magnitude(self, x: npt.ArrayLike) -> FloatArray:
         """Return the magnitude of the summed terms (:func:`reparam.core.algebra.magnitude`)."""
@@ -416,11 +521,21 @@ def resolve_config(family: Family, config: Mapping[str, Any]) -> Config:
         Naming the unknown options (and listing the known ones) or the
         missing required ones.
     """
+    aliases = dict(family.aliases)
+    config = dict(config)
+    for alias, option in aliases.items():
+        if alias in config:
+            if option in config:
+                raise ReparamError(
+                    f"{family.name}: {alias} and {option} name one option (two publications' "
+                    "names); give one"
+                )
+            config[option] = config.pop(alias)
     unknown = sorted(set(config) - set(family.options))
     if unknown:
         raise ReparamError(
             f"{family.name}: unknown option{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(unknown)}; expected some of {', '.join(family.options)}"
+            f"{', '.join(unknown)}; expected some of {', '.join([*family.options, *aliases])}"
         )
     resolved = {key: config.get(key, default) for key, default in family.options.items()}
     missing = [key for key, value in resolved.items() if value is REQUIRED]
@@ -521,8 +636,13 @@ def conv_bn(
     conv: str = "conv",
     bn: str = "bn",
     affine: bool = True,
+    statistics: tuple[str, str] = ("running_mean", "running_var"),
 ) -> Node:
-    """Build the ``{prefix}.conv`` (no bias) then ``{prefix}.bn`` pair most families use."""
+    """Build the ``{prefix}.conv`` (no bias) then ``{prefix}.bn`` pair most families use.
+
+    ``conv`` and ``bn`` name the two modules (``"0"`` and ``"1"`` in an
+    ``nn.Sequential``); ``statistics`` the BatchNorm's running statistics.
+    """
     from ..core.algebra import Conv, Norm, Sequential
 
     in_channels, out_channels, groups = channels
@@ -530,7 +650,10 @@ def conv_bn(
     weight = reader.array(f"{dot}{conv}.weight", (out_channels, in_channels // groups, *kernel))
     return Sequential(
         Conv(weight, stride=stride, padding=padding, groups=groups, name=f"{dot}{conv}"),
-        Norm(reader.bn(f"{dot}{bn}", out_channels, affine=affine), name=f"{dot}{bn}"),
+        Norm(
+            reader.bn(f"{dot}{bn}", out_channels, affine=affine, statistics=statistics),
+            name=f"{dot}{bn}",
+        ),
         name=prefix,
     )
 
