@@ -1383,6 +1383,51 @@ def _raw_bytes(tensor: Any, onnx: Any) -> bytes:
     return bytes(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes())
 
 
+def _varint(value: int) -> bytes:
+    """Return ``value`` as a protobuf varint (7 bits a byte, low first)."""
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+_GRAPH_FIELD = 7  # ModelProto.graph
+_INITIALIZER_FIELD = 5  # GraphProto.initializer
+
+
+def _write_streamed(path: Path, model: Any, onnx: Any) -> None:
+    """Write ``model`` as protobuf, one initializer at a time (never the whole file in memory).
+
+    A message's fields may come in any order and a length-delimited field is its tag, its
+    length and its bytes: the model without its graph, then the graph's tag and length, the
+    graph without its initializers, and each initializer as one more ``initializer`` field.
+    """
+    shell = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _set_field(shell, field, value)
+    graph = onnx.GraphProto()
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _set_field(graph, field, value)
+    head = graph.SerializeToString()
+    tag = _varint(_INITIALIZER_FIELD << 3 | 2)
+    sizes = [tensor.ByteSize() for tensor in model.graph.initializer]
+    length = len(head) + sum(len(tag) + len(_varint(n)) + n for n in sizes)
+
+    def write(stream: IO[bytes]) -> None:
+        stream.write(shell.SerializeToString())
+        if model.HasField("graph"):
+            stream.write(_varint(_GRAPH_FIELD << 3 | 2) + _varint(length) + head)
+            for tensor, size in zip(model.graph.initializer, sizes, strict=True):
+                stream.write(tag + _varint(size))
+                stream.write(tensor.SerializeToString())
+
+    write_atomic(path, write)
+
+
 def _write_bytes(path: Path, data: bytes) -> None:
     def write(stream: IO[bytes]) -> None:
         stream.write(data)
@@ -1416,8 +1461,10 @@ def save_onnx(model: Any, path: str | os.PathLike[str]) -> None:
     if not isinstance(model, onnx.ModelProto):
         raise ReparamError(f"{func}: model must be an onnx.ModelProto; got {type(model).__name__}")
     target = Path(path)
-    if model.ByteSize() < PROTOBUF_LIMIT - _HEADROOM:
-        _write_bytes(target, model.SerializeToString())
+    # (about the model's size without serializing it: ByteSize() would, all at once)
+    weights = sum(_stored_bytes(tensor) for tensor in model.graph.initializer)
+    if weights < PROTOBUF_LIMIT - 2 * _HEADROOM:
+        _write_streamed(target, model, onnx)
         return
     location = target.name + ".data"
     shell = onnx.ModelProto()
