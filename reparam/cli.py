@@ -718,7 +718,7 @@ def _convert_graph(source: _Input, args: argparse.Namespace) -> int:
     ratio = 1.0 if args.max_cost_ratio is None else args.max_cost_ratio
     start = time.perf_counter()
     with _file_errors(source.path, "read"):  # fold_onnx: the weights are held once, not twice
-        model, report = fold_onnx(source.path, max_cost_ratio=ratio)
+        model, report = fold_onnx(source.path, max_cost_ratio=ratio, func="load")
     seconds = time.perf_counter() - start
     if not report.folded:
         raise ReparamError(

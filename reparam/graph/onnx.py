@@ -1313,6 +1313,7 @@ def fold_onnx(
     *,
     max_cost_ratio: float = 1.0,
     image_size: tuple[int, int] | None = None,
+    func: str = "fold_onnx",
 ) -> tuple[Any, FoldReport]:
     """Fold every region of an ONNX model that is one convolution into one ``Conv`` node.
 
@@ -1325,11 +1326,15 @@ def fold_onnx(
         slower.
     image_size : (int, int), optional
         As :func:`~reparam.graph.fold.fold_graph`.
+    func : str, default "fold_onnx"
+        The name errors start with (as for :func:`read_graph`).
 
     Returns
     -------
     model : onnx.ModelProto
-        The folded model (:func:`write_graph`); :func:`save_onnx` writes it.
+        The folded model (:func:`write_graph`); :func:`save_onnx` writes it. A model
+        read from a file is folded in place of its own weights: the weights are held
+        once, as arrays, and each region's go once it is folded.
     report : FoldReport
         What was folded, and what was not and why.
 
@@ -1364,7 +1369,6 @@ def fold_onnx(
     >>> print(report.lines()[0])
     1 regions folded; ops 3 -> 1; parameters 160 -> 148; multiply-adds 10,240 -> 9,216
     """
-    func = "fold_onnx"
     onnx = _import_onnx(func)
     # A model read from a file is ours: its weights, once arrays, need not stay in it too (the
     # ones the folded model still reads are written back), and the result is built in it.
