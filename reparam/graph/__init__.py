@@ -30,4 +30,3 @@ __all__ = [
     "save_onnx",
     "write_graph",
 ]
-
