@@ -13,9 +13,14 @@ Layers inside the package, each importing only the ones before it:
   never imports torch).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .fold import FoldedRegion, FoldReport, Refusal, fold_graph
 from .ir import AFFINE_KINDS, Graph, Op
 from .onnx import fold_onnx, read_graph, save_onnx, write_graph
+
+if TYPE_CHECKING:
+    from .torch import fold_torch
 
 __all__ = [
     "AFFINE_KINDS",
@@ -26,7 +31,17 @@ __all__ = [
     "Refusal",
     "fold_graph",
     "fold_onnx",
+    "fold_torch",
     "read_graph",
     "save_onnx",
     "write_graph",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load the PyTorch adapter on first use of ``fold_torch``."""
+    if name == "fold_torch":
+        from .torch import fold_torch
+
+        return fold_torch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
