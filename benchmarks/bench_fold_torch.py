@@ -219,7 +219,7 @@ def _prepare(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(TESTS))
     import torch
-    from graph_models import MobileOneNet, RepVGGNet, randomize_calibrated_
+    from graph_models import MobileOneNet, RepVGGNet, deploy_form, randomize_calibrated_
 
     from reparam.graph import fold_torch
 
@@ -237,7 +237,7 @@ def _prepare(argv: list[str]) -> None:
     start = time.perf_counter()
     folded, report = fold_torch(net, example)
     fold_seconds = time.perf_counter() - start
-    forms = {"train": net, "folded": folded, "deploy": _deploy(net, torch)}
+    forms = {"train": net, "folded": folded, "deploy": deploy_form(net)}
     record: dict[str, Any] = {"fold_seconds": fold_seconds, "summary": report.lines()[0]}
     counts = {form: _count(module, example, torch) for form, module in forms.items()}
     record["convs"] = {form: c["conv"] for form, c in counts.items()}
@@ -252,53 +252,6 @@ def _prepare(argv: list[str]) -> None:
         torch.save(module, path)
         record[form] = str(path)
     print(json.dumps(record))
-
-
-def _deploy(net: Any, torch: Any) -> Any:
-    """The published recipe: each block fused by ``reparam.families``; conv + ReLU per block."""
-    import numpy as np
-    from torch import nn
-    from torch_families import MobileOneBlock, RepVGGBlock
-
-    from reparam.families import from_state_dict
-
-    layers: list[Any] = []
-    for block in (m for m in net.modules() if isinstance(m, RepVGGBlock | MobileOneBlock)):
-        if isinstance(block, RepVGGBlock):
-            conv, name, extra = block.rbr_dense.conv, "RepVGGBlock", {}
-        else:
-            conv, name = block.rbr_conv[0].conv, "MobileOneBlock"
-            extra = {"num_conv_branches": len(block.rbr_conv)}
-        state = {k: v.detach().numpy() for k, v in block.state_dict().items()}
-        fused = from_state_dict(
-            name,
-            state,
-            in_channels=conv.in_channels,
-            out_channels=conv.out_channels,
-            kernel_size=conv.kernel_size[0],
-            stride=conv.stride[0],
-            padding=conv.padding[0],
-            groups=conv.groups,
-            **extra,
-        ).reparameterize()
-        (top, bottom), (left, right) = fused.pads
-        if top != bottom or left != right:
-            raise SystemExit(f"asymmetric padding {fused.pads}")
-        deploy = nn.Conv2d(
-            conv.in_channels,
-            conv.out_channels,
-            fused.kernel.shape[2:],
-            stride=fused.stride,
-            padding=(top, left),
-            groups=fused.groups,
-        )
-        with torch.no_grad():
-            deploy.weight.copy_(torch.from_numpy(np.array(fused.kernel, dtype=np.float32)))
-            deploy.bias.copy_(torch.from_numpy(np.array(fused.bias, dtype=np.float32)))
-        layers += [deploy, nn.ReLU()]
-    head = nn.Linear(net.linear.in_features, net.linear.out_features)
-    head.load_state_dict(net.linear.state_dict())
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).eval()
 
 
 def _count(module: Any, x: Any, torch: Any) -> dict[str, int]:

@@ -354,7 +354,7 @@ def _prepare(argv: list[str]) -> None:
             return
         export_onnx(model, paths["deploy"])
     else:
-        from graph_models import MobileOneNet, export, randomize_calibrated_
+        from graph_models import MobileOneNet, deploy_form, export, randomize_calibrated_
 
         config = MOBILEONE_TINY if args.quick else MOBILEONE_S0
         torch.manual_seed(args.seed)
@@ -364,7 +364,7 @@ def _prepare(argv: list[str]) -> None:
         )
         randomize_calibrated_(net, calibration, args.seed)
         export(net, example, paths["train"], dynamo=args.dynamo)
-        export(_mobileone_deploy(net), example, paths["deploy"], dynamo=args.dynamo)
+        export(deploy_form(net), example, paths["deploy"], dynamo=args.dynamo)
     import onnx
 
     from reparam.graph import fold_onnx
@@ -427,49 +427,6 @@ def _torch_repvgg(model: Any) -> Any:
     if [c.stride[0] for c in convs] != [s.stride for s in specs]:
         raise SystemExit("strides of the torch transcription differ from the model's")
     return net.eval()
-
-
-def _mobileone_deploy(net: Any) -> Any:
-    """One conv + ReLU per MobileOne block, each conv fused by ``reparam.families``."""
-    import torch
-    from torch import nn
-    from torch_families import MobileOneBlock
-
-    from reparam.families import from_state_dict
-
-    layers: list[nn.Module] = []
-    for block in (m for m in net.modules() if isinstance(m, MobileOneBlock)):
-        conv = block.rbr_conv[0].conv
-        state = {k: v.detach().numpy() for k, v in block.state_dict().items()}
-        fused = from_state_dict(
-            "MobileOneBlock",
-            state,
-            in_channels=conv.in_channels,
-            out_channels=conv.out_channels,
-            kernel_size=conv.kernel_size[0],
-            stride=conv.stride[0],
-            padding=conv.padding[0],
-            groups=conv.groups,
-            num_conv_branches=len(block.rbr_conv),
-        ).reparameterize()
-        (top, bottom), (left, right) = fused.pads
-        if top != bottom or left != right:
-            raise SystemExit(f"asymmetric padding {fused.pads}")
-        deploy = nn.Conv2d(
-            conv.in_channels,
-            conv.out_channels,
-            fused.kernel.shape[2:],
-            stride=fused.stride,
-            padding=(top, left),
-            groups=fused.groups,
-        )
-        with torch.no_grad():
-            deploy.weight.copy_(torch.from_numpy(np.array(fused.kernel, dtype=np.float32)))
-            deploy.bias.copy_(torch.from_numpy(np.array(fused.bias, dtype=np.float32)))
-        layers += [deploy, nn.ReLU()]
-    head = nn.Linear(net.linear.in_features, net.linear.out_features)
-    head.load_state_dict(net.linear.state_dict())
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).eval()
 
 
 def _session(path: str, threads: int) -> Any:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -760,3 +761,49 @@ def build_user_block(name: str, *, seed: int = 0) -> tuple[nn.Module, tuple]:
     module = build()
     x = torch.randn((8, *shape), generator=torch.Generator().manual_seed(seed))
     return randomize_calibrated_(module, x, seed), shape
+
+
+def deploy_form(net: Any) -> Any:
+    """The deploy form by the published recipe: each RepVGG or MobileOne block of ``net`` fused
+    by ``reparam.families`` into one conv + ReLU, then the pool and the head (benchmarks)."""
+    from torch_families import MobileOneBlock, RepVGGBlock
+
+    from reparam.families import from_state_dict
+
+    layers: list[nn.Module] = []
+    for block in (m for m in net.modules() if isinstance(m, RepVGGBlock | MobileOneBlock)):
+        if isinstance(block, RepVGGBlock):
+            conv, name, extra = block.rbr_dense.conv, "RepVGGBlock", {}
+        else:
+            conv, name = block.rbr_conv[0].conv, "MobileOneBlock"
+            extra = {"num_conv_branches": len(block.rbr_conv)}
+        state = {k: v.detach().numpy() for k, v in block.state_dict().items()}
+        fused = from_state_dict(
+            name,
+            state,
+            in_channels=conv.in_channels,
+            out_channels=conv.out_channels,
+            kernel_size=conv.kernel_size[0],
+            stride=conv.stride[0],
+            padding=conv.padding[0],
+            groups=conv.groups,
+            **extra,
+        ).reparameterize()
+        (top, bottom), (left, right) = fused.pads
+        if top != bottom or left != right:
+            raise SystemExit(f"asymmetric padding {fused.pads}")
+        deploy = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            fused.kernel.shape[2:],
+            stride=fused.stride,
+            padding=(top, left),
+            groups=fused.groups,
+        )
+        with torch.no_grad():
+            deploy.weight.copy_(torch.from_numpy(np.array(fused.kernel, dtype=np.float32)))
+            deploy.bias.copy_(torch.from_numpy(np.array(fused.bias, dtype=np.float32)))
+        layers += [deploy, nn.ReLU()]
+    head = nn.Linear(net.linear.in_features, net.linear.out_features)
+    head.load_state_dict(net.linear.state_dict())
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).eval()
