@@ -27,7 +27,6 @@ error naming the prefix and the keys; it is never passed through as "other".
 from __future__ import annotations
 
 import fnmatch
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -393,9 +392,7 @@ def find_blocks(
         try:
             found.append(_read_block(prefix, layout, block_keys, state, overrides, eps))
         except ReparamError as exc:
-            problems.append(
-                f"{prefix or '(top level)'}: {_with_full_names(str(exc), prefix, layout)}"
-            )
+            problems.append(str(exc.located(prefix or "(top level)")))
     fused = {block.prefix for block in found}
     deployed = [prefix for prefix in _deployed(keys) if prefix not in fused]
     if problems:
@@ -404,23 +401,6 @@ def find_blocks(
             + listing([shown(p, 240) for p in problems], budget=240)
         )
     return found, deployed
-
-
-def _with_full_names(message: str, prefix: str, layout: KeyLayout) -> str:
-    """Write a block's key names in ``message`` as the checkpoint's full keys.
-
-    The family reports keys by their published local names (``rbr_1x1.bn.running_var``);
-    the user knows them as ``{prefix}.{the layout's name}`` (``neck.3.conv_1x1.bn.running_var``).
-    """
-    own = {layout.published(top): top for top in layout.top}
-    own |= {new.split(".", 1)[0]: new.split(".", 1)[0] for _, new in layout.renames}
-    dot = f"{prefix}." if prefix else ""
-    pattern = "|".join(re.escape(name) for name in sorted(own, key=len, reverse=True))
-    return re.sub(
-        rf"(?<![\w.])({pattern})((?:\.[\w]+)*)(?![\w])",
-        lambda match: f"{dot}{layout.local(match.group(1) + match.group(2))}",
-        message,
-    )
 
 
 def _read_block(
@@ -455,7 +435,14 @@ def _read_block(
         )
         raise ReparamError(f"{name}: {missing[0][1]}; state it with {options}")
     config = inferred.config | given
-    block = from_state_dict(name, local, eps=stated.get("eps", eps), **config)
+    dot = f"{prefix}." if prefix else ""
+    block = from_state_dict(
+        name,
+        local,
+        eps=stated.get("eps", eps),
+        key_names=lambda key: f"{dot}{layout.local(key)}",  # the checkpoint's own names
+        **config,
+    )
     notes = tuple(note for note in inferred.notes if note.split(":")[0] not in given)
     return FoundBlock(prefix, layout, block, tuple(keys), notes)
 

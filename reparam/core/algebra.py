@@ -730,13 +730,12 @@ def _as_output(result: FloatArray, features: bool, *, func: str) -> FloatArray:
 
 
 def _evaluate(node: Node, x: FloatArray, *, absolute: bool) -> FloatArray:
-    where = _describe(node)
     try:
         return _evaluate_node(node, x, absolute=absolute)
     except ReparamError as exc:
-        if str(exc).startswith("in "):
+        if exc.location is not None:  # the innermost node that failed named itself already
             raise
-        raise ReparamError(f"in {where}: {exc}") from None
+        raise exc.located(f"in {_describe(node)}") from None
 
 
 def _evaluate_node(node: Node, x: FloatArray, *, absolute: bool) -> FloatArray:

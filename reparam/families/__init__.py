@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..core.errors import ReparamError
@@ -100,7 +100,12 @@ def family_named(name: str) -> Family:
 
 
 def from_state_dict(
-    name: str, state: Mapping[str, Any], *, eps: float | None = None, **config: Any
+    name: str,
+    state: Mapping[str, Any],
+    *,
+    eps: float | None = None,
+    key_names: Callable[[str], str] | None = None,
+    **config: Any,
 ) -> FamilyBlock:
     """Read one published block from its own state dict and constructor arguments.
 
@@ -122,6 +127,9 @@ def from_state_dict(
         Every BatchNorm's epsilon; by default the one the family's published
         models are built with (:attr:`Family.eps`: PyTorch's 1e-5, or 1e-3 for
         the ultralytics, YOLOv7 and YOLOv9 blocks). YOLOv6 models use 1e-3 too.
+    key_names : callable, optional
+        How errors name a key of ``state`` (a checkpoint's full key name);
+        the key itself by default.
     **config
         The published constructor's keyword arguments (``in_channels``,
         ``out_channels``, ``kernel_size``, ``stride``, ``padding``, ``groups``
@@ -140,7 +148,8 @@ def from_state_dict(
     ------
     ReparamError
         One error for an unknown name, an unknown or missing option, or all
-        the missing, unexpected and mis-shaped keys of the state together.
+        the missing, unexpected and mis-shaped keys of the state together
+        (each one in its ``problems``).
     """
     family = family_named(name)
     if eps is None:
@@ -148,7 +157,7 @@ def from_state_dict(
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
         raise ReparamError(f"{family.name}: eps must be a finite number >= 0; got {eps!r}")
     resolved = resolve_config(family, config)
-    reader = StateReader(family.name, state, eps=float(eps))
+    reader = StateReader(family.name, state, eps=float(eps), key_names=key_names)
     tree = family.build(reader, resolved)
     reader.finish()
     return FamilyBlock(family, resolved, tree, float(eps))

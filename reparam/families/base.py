@@ -298,9 +298,20 @@ class StateReader:
         The block's own keys (no prefix); ``num_batches_tracked`` is ignored.
     eps : float
         BatchNorm epsilon (not stored in state dicts).
+    key_names : callable, optional
+        ``key_names(key) -> str``: how messages name a key (the checkpoint's
+        full name of a block's key, e.g. ``neck.3.conv_1x1.bn.running_var``);
+        the key itself by default.
     """
 
-    def __init__(self, family: str, state: Mapping[str, Any], *, eps: float) -> None:
+    def __init__(
+        self,
+        family: str,
+        state: Mapping[str, Any],
+        *,
+        eps: float,
+        key_names: Callable[[str], str] | None = None,
+    ) -> None:
         if not isinstance(state, Mapping):
             raise ReparamError(
                 f"{family}: state must be a mapping of key names to arrays; got "
@@ -308,6 +319,7 @@ class StateReader:
             )
         self.family = family
         self.eps = eps
+        self._name = key_names or str
         self._state = {str(key): value for key, value in state.items()}
         self._used: set[str] = set()
         self._problems: list[str] = []
@@ -323,25 +335,27 @@ class StateReader:
         """Return the array at ``key``, which must have ``shape`` (zeros, recorded, when not)."""
         self._used.add(key)
         if key not in self._state:
-            self._problems.append(f"missing key {key} (expected shape {shape})")
+            self._problems.append(f"missing key {self._name(key)} (expected shape {shape})")
             return np.zeros(shape, dtype=self.dtype)
         try:
             value = np.asarray(self._state[key])
         except Exception as exc:  # e.g. a tensor that needs .detach() first
-            self._problems.append(f"{key} cannot be read as an array ({exc})")
+            self._problems.append(f"{self._name(key)} cannot be read as an array ({exc})")
             return np.zeros(shape, dtype=self.dtype)
         if not np.issubdtype(value.dtype, np.floating):
-            self._problems.append(f"{key} has dtype {value.dtype}; expected a floating dtype")
+            self._problems.append(
+                f"{self._name(key)} has dtype {value.dtype}; expected a floating dtype"
+            )
             return np.zeros(shape, dtype=self.dtype)
         if value.shape != shape:
             self._problems.append(
-                f"shape mismatch: {key} has shape {value.shape}, expected {shape}"
+                f"shape mismatch: {self._name(key)} has shape {value.shape}, expected {shape}"
             )
             return np.zeros(shape, dtype=self.dtype)
         bad = int(np.count_nonzero(~np.isfinite(value)))
         if bad:
             self._problems.append(
-                f"{key} has {bad:,} non-finite values (NaN or inf) of {value.size:,}"
+                f"{self._name(key)} has {bad:,} non-finite values (NaN or inf) of {value.size:,}"
             )
             return np.zeros(shape, dtype=self.dtype)
         return value
@@ -376,7 +390,7 @@ class StateReader:
         try:
             return BatchNorm(gamma, beta, mean, var, eps=self.eps)
         except ReparamError as exc:
-            self._problems.append(f"{prefix}: {exc}")
+            self._problems.append(f"{self._name(prefix)}: {exc}")
             ones = np.ones(shape, dtype=self.dtype)
             return BatchNorm(ones, ones * 0, ones * 0, ones, eps=self.eps)
 
@@ -393,7 +407,7 @@ class StateReader:
             ``"{family}: 2 problems in the state dict: missing key ...; unexpected key ..."``.
         """
         unexpected = [
-            f"unexpected key {key}"
+            f"unexpected key {self._name(key)}"
             for key in self._state
             if key not in self._used and not key.endswith("num_batches_tracked")
         ]
@@ -402,7 +416,8 @@ class StateReader:
             shown = problems[:8] + ([f"and {len(problems) - 8} more"] if len(problems) > 8 else [])
             raise ReparamError(
                 f"{self.family}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the "
-                "state dict: " + "; ".join(shown)
+                "state dict: " + "; ".join(shown),
+                problems=tuple(problems),
             )
 
 
