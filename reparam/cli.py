@@ -46,7 +46,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import __version__
-from .analysis import load_network, quant
+from .analysis import quant
 from .checkpoints.formats import (
     CHECKPOINT_SUFFIXES,
     check_destination,
@@ -60,7 +60,7 @@ from .checkpoints.formats import (
 )
 from .checkpoints.layouts import LAYOUTS
 from .checkpoints.reader import Checkpoint, describe_stored, read_any
-from .checkpoints.repvgg import save
+from .checkpoints.repvgg import load, save
 from .checkpoints.walker import (
     FoundBlock,
     Overrides,
@@ -585,11 +585,11 @@ def _quant_report_network(source: _Input, args: argparse.Namespace) -> int:
         calibration = read_array(args.calibration, func=func)
     _progress(f"loading {args.weights} ...")
     with _file_errors(args.weights, "read"):
-        network = load_network(args.weights, layout=args.layout, arch=args.arch)
+        model = load(args.weights, layout=args.layout, arch=args.arch)
     name = f"--calibration {shown_path(args.calibration)}"
-    images = quant.check_images(calibration, network.model, func=func, name=name)
-    _progress(f"quantizing {len(network.model.blocks)} blocks on {len(images)} images ...")
-    found = quant.report(network, images, per_channel=args.per_channel)
+    images = quant.check_images(calibration, model, func=func, name=name)
+    _progress(f"quantizing {len(model.blocks)} blocks on {len(images)} images ...")
+    found = quant.report(model, images, per_channel=args.per_channel)
     _out(found.table())
     for path, write in ((args.json, quant.write_json), (args.png, quant.plot_report)):
         if path is not None:

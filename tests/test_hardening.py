@@ -362,8 +362,7 @@ def test_bad_batchnorm_values_name_the_tensor_and_block(tmp_path: Path) -> None:
     path = _damaged(tmp_path, "stage1.1.rbr_identity.running_var", negative)
     _error(
         _cli("info", path),
-        "stage1.1.rbr_identity.running_var (block stage1.1) has 1 negative variance, -1 at "
-        "channel 3",
+        "stage1.1.rbr_identity: BatchNorm: var must be >= 0 (a variance); got -1.0 at channel 3",
     )
 
 
@@ -374,9 +373,10 @@ def test_batchnorm_errors_of_the_model_layer_name_the_block() -> None:
     with pytest.raises(ReparamError) as info:
         reparam.checkpoints.from_state_dict(tensors, eps=0.0)
     message = str(info.value)
-    assert message.startswith("from_state_dict: stages.0.1.identity.* (block stages.0.1): "), (
-        message
-    )
+    assert message.startswith(
+        "from_state_dict: the state dict does not fit a RepVGG (timm layout): "
+        "stages.0.1.identity: BatchNorm: var + eps must be > 0"
+    ), message
 
 
 class _Payload:

@@ -19,7 +19,7 @@ import pytest
 
 import reparam
 from reparam import BatchNorm, DeployBlock, Head, ReparamError, RepVGG, TrainBlock
-from reparam.analysis import load_network
+from reparam.analysis import Network, as_network
 from reparam.analysis.quant import (
     FINE_DB,
     ActivationQuant,
@@ -335,9 +335,14 @@ def test_spread_and_kurtosis_by_hand() -> None:
     assert stats.weight_sqnr_per_tensor_db == pytest.approx(expected, abs=1e-4)
 
 
+def load_network(path: str | Path) -> Network:
+    """A network as :func:`reparam.load` reads it, with its blocks' trees and family."""
+    return as_network(reparam.load(path), func="load_network")
+
+
 def test_qarepvgg_attribution_and_folding() -> None:
     network = load_network(_bundled("digits_qarepvgg.npz"))
-    assert network.family == "QARepVGG" and network.model.form == "deploy"
+    assert network.family == "QARepVGG" and network.model.form == "train"
     stats = {s.name: s for s in weight_stats(network)}
     assert stats["stage1.1"].branches == ("3x3", "1x1", "identity")
     assert stats["stage1.0"].branches == ("3x3", "1x1"), "stride 2: no identity"
@@ -349,8 +354,9 @@ def test_qarepvgg_attribution_and_folding() -> None:
         out = np.maximum(reparam.core.algebra.evaluate(network.trees[name], out), 0)
     head = network.model.head
     trees = out.mean(axis=(2, 3)) @ head.weight.T.astype(np.float64) + head.bias
-    np.testing.assert_allclose(network.model(images[:16]), trees, rtol=0, atol=1e-4)
-    accuracy = np.mean(network.model(images).argmax(axis=1) == labels)
+    deploy = network.model.reparameterize()
+    np.testing.assert_allclose(deploy(images[:16]), trees, rtol=0, atol=1e-4)
+    accuracy = np.mean(deploy(images).argmax(axis=1) == labels)
     assert accuracy >= 0.99, f"the shipped QARepVGG digits model scores {accuracy:.2%}"
 
 

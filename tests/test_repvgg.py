@@ -355,8 +355,14 @@ def test_identity_branch_needs_same_channels_and_stride_one() -> None:
     model = RepVGG.create(TINY, num_classes=5)
     block = model.blocks[2][1]  # stage1.1 has an identity
     assert isinstance(block, TrainBlock) and block.identity_bn is not None, "fixture"
-    with pytest.raises(ReparamError, match="identity branch needs C_in == C_out and stride 1"):
-        TrainBlock(block.dense_kernel, block.dense_bn, identity_bn=block.identity_bn, stride=2)
+    # the algebra's checks of the block's tree: channels that differ, outputs of different sizes
+    with pytest.raises(ReparamError, match=r"^TrainBlock: .*branches must share their input"):
+        TrainBlock(block.dense_kernel, block.dense_bn, identity_bn=block.identity_bn, groups=1)
+    with pytest.raises(ReparamError, match=r"^TrainBlock: output_size: branches .* give different"):
+        TrainBlock(
+            block.dense_kernel, block.dense_bn, identity_bn=block.identity_bn, stride=2, groups=2
+        )
+    TrainBlock(block.dense_kernel, block.dense_bn, identity_bn=block.identity_bn, groups=2)
 
 
 def test_mixed_forms_and_dtypes_are_rejected() -> None:
@@ -450,5 +456,5 @@ def test_train_block_takes_what_fuse_block_takes() -> None:
     x = rng.standard_normal((2, 4, 6, 5))
     scale = float(np.abs(reparam.core.algebra.magnitude(block.tree, x)).max())
     assert_close(deploy(x), block(x), dtype=np.float64, scale=scale, what="1x3 branch")
-    with pytest.raises(ReparamError, match=r"odd sizes of at most 3x3"):
+    with pytest.raises(ReparamError, match=r"^TrainBlock: output_size: branches .* give different"):
         TrainBlock(dense, bns[0], rng.standard_normal((4, 2, 1, 2)), bns[1], None, 1, 2)

@@ -4,7 +4,7 @@
 """
 
 from . import quant
-from .networks import Network, as_network, is_qarepvgg, load_network, qarepvgg_network
+from .networks import Network, as_network
 from .quant import QParams, QuantReport, qparams_from_onnx, report, simulate, weight_stats
 
 __all__ = [
@@ -12,9 +12,6 @@ __all__ = [
     "QParams",
     "QuantReport",
     "as_network",
-    "is_qarepvgg",
-    "load_network",
-    "qarepvgg_network",
     "qparams_from_onnx",
     "quant",
     "report",

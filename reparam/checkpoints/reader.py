@@ -1,7 +1,7 @@
-"""Read any checkpoint: a whole RepVGG network when its keys are one, else blocks for the walker.
+"""Read any checkpoint: a whole network when its keys are one, else blocks for the walker.
 
-The commands take any checkpoint. When its keys are a RepVGG network in the
-official or timm layout, it is read as a :class:`~reparam.RepVGG` (the
+The commands take any checkpoint. When its keys are a network in a
+registered layout (:mod:`reparam.checkpoints.layouts`), it is read as a :class:`~reparam.RepVGG` (the
 architecture, the head and the chaining of blocks are checked, and it can be
 run); otherwise it must hold blocks of a registered family, which
 :mod:`reparam.checkpoints.walker` finds. Key names are checked before any
@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from ..core.errors import ReparamError
 from ..models.repvgg import Layout, RepVGG
 from .formats import Tensors, read_checkpoint, shown_path
-from .layouts import BLOCK_KEY, detect_layout
+from .layouts import detect_layout, network_layout
 from .repvgg import _check_keys, _from_state_dict
 from .walker import block_prefixes, recognisable
 
@@ -72,13 +72,12 @@ def read_any(
         If the file cannot be opened.
     """
     name = shown_path(path)
-    source = f"load: {name}"
     wants_network = network_only or layout is not None or arch is not None
     fits: list[bool] = []
 
     def check(keys: list[str]) -> None:
         if wants_network or _network_shaped(keys) or not recognisable(keys):
-            _check_keys(keys, layout=layout, source=source)  # a network, or refused as one
+            _check_keys(keys, layout=layout, func="load", source=name)  # a network, or refused
             fits.append(True)
         else:
             fits.append(False)
@@ -89,7 +88,13 @@ def read_any(
     network = None
     if fits[-1]:
         network = _from_state_dict(
-            contents.tensors, layout=layout, arch=arch, eps=eps, source=source, strides=strides
+            contents.tensors,
+            layout=layout,
+            arch=arch,
+            eps=eps,
+            func="load",
+            source=name,
+            strides=strides,
         )
     stored = {
         contents.stored[key] for key, array in contents.tensors.items() if array.dtype.kind == "f"
@@ -98,17 +103,16 @@ def read_any(
 
 
 def _network_shaped(keys: list[str]) -> bool:
-    """Whether the keys are a RepVGG network: RepVGG blocks only, at a layout's block positions.
+    """Whether the keys are a network: its layout's family's blocks only, at its block positions.
 
     (A checkpoint with other blocks, or blocks elsewhere, goes to the walker.)
     """
     try:
-        layout = detect_layout(keys)
+        layout = network_layout(detect_layout(keys), func="read_any")
     except ReparamError:
         return False
-    position = BLOCK_KEY[layout]
     return all(
-        family == "RepVGGBlock" and position.match(f"{prefix}.x") is not None
+        family == layout.family and layout.split(f"{prefix}.x") is not None
         for prefix, family in block_prefixes(keys).items()
     )
 

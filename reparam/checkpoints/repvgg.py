@@ -1,11 +1,15 @@
-"""RepVGG checkpoints: a flat state dict (or a file) to a :class:`RepVGG` and back.
+"""RepVGG-style networks: a flat state dict (or a file) to a :class:`RepVGG` and back.
 
-The key names come from :mod:`reparam.checkpoints.layouts` (official or
-timm, detected from the keys), the files from
-:mod:`reparam.checkpoints.formats`. The architecture follows from the tensors
-alone: each block's branches and groups (``C_in / kernel.shape[1]``) come
-from its shapes, and the stride is 2 for the stem and the first block of
-every stage, 1 elsewhere (the rule of every published RepVGG).
+One reader for every registered network layout
+(:mod:`reparam.checkpoints.layouts`: RepVGG's official and timm names,
+QARepVGG): the layout says where each block and the head are; each block is
+read by its family (:func:`reparam.families.from_state_dict`, which checks its
+keys, shapes and values and builds its tree); the layout orders the blocks
+and checks that they chain. A block's groups follow from the chain
+(``C_in / kernel.shape[1]``), its stride from the tensors where they fix it
+(a RepVGG identity branch means stride 1), else from the rule of every
+published RepVGG: 2 for the stem and the first block of every stage, 1
+elsewhere. Files come from :mod:`reparam.checkpoints.formats`.
 """
 
 from __future__ import annotations
@@ -19,17 +23,20 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from ..core.algebra import Conv, Norm, Sequential, fold
+from ..core.conv import centred_padding
 from ..core.errors import ReparamError
-from ..core.params import BatchNorm
+from ..families import FAMILIES
+from ..families import from_state_dict as read_family_block
+from ..families.base import StateReader
 from ..models.architectures import (
-    BlockSpec,
     NamedSpecs,
     architecture_differences,
     block_specs,
     canonical_architecture,
     match_architecture,
 )
-from ..models.repvgg import Block, DeployBlock, Head, RepVGG, TrainBlock
+from ..models.repvgg import Block, DeployBlock, Head, Layout, RepVGG, TrainBlock, tree_leaves
 from .formats import (
     CHECKPOINT_SUFFIXES,
     Tensors,
@@ -40,33 +47,26 @@ from .formats import (
     shown_path,
     write_tensors,
 )
-from .layouts import (
-    BLOCK_KEY,
-    BN_LEAVES,
-    BRANCHES,
-    HEAD,
-    Layout,
-    block_key,
-    block_prefix,
-    check_layout,
-    detect_layout,
-    leaves,
-)
+from .layouts import NETWORK_LAYOUTS, NetworkLayout, detect_layout, network_layout
 
 __all__ = ["LoadedCheckpoint", "from_state_dict", "load", "load_file", "save", "to_state_dict"]
+
+_BN_LEAVES = ("weight", "bias", "running_mean", "running_var")
 
 
 # --------------------------------------------------------------------------- state dict -> model
 
 
 def _parse_keys(
-    tensors: Mapping[str, Any], layout: Layout, problems: list[str]
-) -> tuple[dict[tuple[int, int], dict[str, dict[str, Any]]], dict[str, Any]]:
-    """Group tensors by block ((stage, index), stem = (0, 0)) and branch; collect the head."""
-    leaf_table = leaves(layout)
-    head_prefix = HEAD[layout] + "."
-    pattern = BLOCK_KEY[layout]
-    blocks: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
+    tensors: Mapping[str, Any], layout: NetworkLayout, problems: list[str]
+) -> tuple[dict[tuple[int, int], dict[str, Any]], dict[str, Any]]:
+    """Group tensors by block ((stage, index), stem = (0, 0)) with their keys inside the block.
+
+    Keys that are not the head and not inside a block of the layout's family
+    are problems.
+    """
+    head_prefix = layout.head + "."
+    blocks: dict[tuple[int, int], dict[str, Any]] = {}
     head: dict[str, Any] = {}
     for key, value in tensors.items():
         if key.endswith("num_batches_tracked"):
@@ -74,21 +74,12 @@ def _parse_keys(
         if key.startswith(head_prefix) and key[len(head_prefix) :] in ("weight", "bias"):
             head[key[len(head_prefix) :]] = value
             continue
-        match = pattern.match(key)
-        if match is None or match.group(3) not in leaf_table:
+        found = layout.split(key)
+        if found is None or not layout.owns(found[1]):
             problems.append(f"unexpected key {shown(key, 60)}")
             continue
-        stage_text, index_text, rest = match.groups()
-        if stage_text is None:
-            position = (0, 0)
-        else:
-            stage = int(stage_text) + (1 if layout == "timm" else 0)
-            position = (stage, int(index_text))
-            if stage == 0:
-                problems.append(f"unexpected key {shown(key, 60)} (the stem has no index)")
-                continue
-        branch, leaf = leaf_table[rest]
-        blocks.setdefault(position, {}).setdefault(branch, {})[leaf] = value
+        position, local = found
+        blocks.setdefault(position, {})[local] = value
     return blocks, head
 
 
@@ -107,252 +98,187 @@ def _gaps(present: list[int]) -> tuple[list[int], int]:
 
 
 def _check_positions(
-    positions: list[tuple[int, int]], layout: Layout, problems: list[str]
+    positions: list[tuple[int, int]], layout: NetworkLayout, problems: list[str], *, func: str
 ) -> list[tuple[int, int]]:
     """Blocks in order; missing stem, stages or blocks are problems."""
     if (0, 0) not in positions:
-        problems.append(f"missing block {block_prefix('stage0', layout)} (the stem)")
+        problems.append(f"missing block {layout.prefix('stage0', func=func)} (the stem)")
     stages = [stage for stage, _ in positions if stage > 0]
     missing_stages, count = _gaps([0, *stages])
     for stage in missing_stages:
-        name = block_prefix(f"stage{stage}.0", layout).rsplit(".", 1)[0]
+        name = layout.prefix(f"stage{stage}.0", func=func).rsplit(".", 1)[0]
         problems.append(f"missing stage {name} (stages are numbered without gaps)")
     if count > len(missing_stages):
         problems.append(f"{count - len(missing_stages)} more stages missing")
     for stage in sorted(set(stages)):
         missing, count = _gaps([index for s, index in positions if s == stage])
         for index in missing:
-            name = block_prefix(f"stage{stage}.{index}", layout)
+            name = layout.prefix(f"stage{stage}.{index}", func=func)
             problems.append(f"missing block {name} (blocks are numbered from 0 without gaps)")
         if count > len(missing):
             problems.append(f"{count - len(missing)} more blocks missing in stage {stage}")
     return sorted(positions)
 
 
-def _as_array(value: Any, key: str, problems: list[str]) -> npt.NDArray[Any] | None:
-    array = np.asarray(value)
-    if not np.issubdtype(array.dtype, np.floating):
-        problems.append(f"{key} has dtype {array.dtype}; expected a floating dtype")
-        return None
-    bad = int(np.count_nonzero(~np.isfinite(array)))
-    if bad:
-        problems.append(f"{key} has {bad:,} non-finite values (NaN or inf) of {array.size:,}")
-        return None
-    return array
-
-
-def _check_variance(var: npt.NDArray[Any], key: str, block: str, problems: list[str]) -> bool:
-    negative = np.flatnonzero(var < 0)
-    if negative.size:
-        index = int(negative[0])
-        problems.append(
-            f"{key} (block {block}) has {negative.size} negative variance"
-            f"{'s' if negative.size > 1 else ''}, {float(var[index]):g} at channel {index}"
-        )
-        return False
-    return True
-
-
-def _branch_arrays(
-    name: str,
-    branch: str,
-    parts: dict[str, Any],
-    leaves: tuple[str, ...],
-    layout: Layout,
-    problems: list[str],
-) -> dict[str, npt.NDArray[Any]] | None:
-    """All leaves of a branch, or None (with problems recorded) when some are missing or bad."""
-    missing = [leaf for leaf in leaves if leaf not in parts]
-    for leaf in missing:
-        problems.append(f"missing key {block_key(name, branch, leaf, layout)}")
-    arrays = {
-        leaf: _as_array(parts[leaf], block_key(name, branch, leaf, layout), problems)
-        for leaf in leaves
-        if leaf in parts
-    }
-    if missing or any(array is None for array in arrays.values()):
-        return None
-    checked = {leaf: array for leaf, array in arrays.items() if array is not None}
-    if "running_var" in checked and not _check_variance(
-        checked["running_var"],
-        block_key(name, branch, "running_var", layout),
-        block_prefix(name, layout),
-        problems,
-    ):
-        return None
-    return checked
-
-
-def _expect_shape(
-    array: npt.NDArray[Any],
-    expected: tuple[int, ...],
-    key: str,
-    problems: list[str],
-    *,
-    kind: str = "shape mismatch",
-) -> bool:
-    if array.shape != expected:
-        problems.append(f"{kind}: {key} has shape {array.shape}, expected {expected}")
-        return False
-    return True
-
-
-class _BlockArrays(NamedTuple):
-    """Checked arrays of one block, before they become a TrainBlock or DeployBlock."""
-
-    name: str
-    form: str  # "train", "deploy", or "invalid" (problems were recorded)
-    arrays: dict[str, dict[str, Any]]
-    spec: BlockSpec
-
-
-def _check_block(
-    name: str,
-    branches: dict[str, dict[str, Any]],
-    in_channels: int | None,
-    stride: int,
-    layout: Layout,
-    problems: list[str],
-) -> _BlockArrays | None:
-    """Check one block's tensors; return them with the block's spec, or None on problems."""
-    form = "deploy" if "reparam" in branches else "train"
-    if form == "deploy" and set(branches) - {"reparam"}:
-        others = ", ".join(sorted(set(branches) - {"reparam"}))
-        problems.append(
-            f"{block_prefix(name, layout)} mixes the deploy conv "
-            f"({BRANCHES[layout]['reparam']}) with train-form branches ({others})"
-        )
-        return None
-    main_branch = "reparam" if form == "deploy" else "dense"
-    main_leaves = ("kernel", "bias") if form == "deploy" else ("kernel", *BN_LEAVES)
-    main = _branch_arrays(
-        name, main_branch, branches.get(main_branch, {}), main_leaves, layout, problems
+def _model_dtype(values: Any) -> np.dtype[Any]:
+    """float64 if any floating tensor is float64, else float32 (float16 is computed in float32)."""
+    wide = any(
+        np.issubdtype(np.asarray(value).dtype, np.floating)
+        and np.asarray(value).dtype.itemsize >= 8
+        for value in values
     )
-    pointwise = identity = None
-    if "pointwise" in branches:
-        pointwise = _branch_arrays(
-            name, "pointwise", branches["pointwise"], ("kernel", *BN_LEAVES), layout, problems
-        )
-    if "identity" in branches:
-        identity = _branch_arrays(
-            name, "identity", branches["identity"], BN_LEAVES, layout, problems
-        )
-    if main is None:
-        return None
-    kernel = main["kernel"]
-    kernel_key = block_key(name, main_branch, "kernel", layout)
-    if kernel.ndim != 4 or kernel.shape[2] != kernel.shape[3] or kernel.shape[2] % 2 == 0:
+    return np.dtype(np.float64 if wide else np.float32)
+
+
+def _as_dtype(value: Any, dtype: np.dtype[Any]) -> Any:
+    """A floating tensor in the model's dtype; anything else as it is (the family refuses it)."""
+    array = np.asarray(value)
+    return array.astype(dtype, copy=False) if np.issubdtype(array.dtype, np.floating) else value
+
+
+def _stated_stride(prefix: str, strides: Mapping[str, int] | None) -> int | None:
+    """The stride ``strides`` states for a block prefix (``fnmatch`` patterns allowed)."""
+    for pattern, stride in (strides or {}).items():
+        if pattern == prefix or fnmatch.fnmatchcase(prefix, pattern):
+            return int(stride)
+    return None
+
+
+class _Read(NamedTuple):
+    """One block as read: the block (None when it has problems) and its output channels."""
+
+    block: Block | None
+    out_channels: int | None
+
+
+class _Context(NamedTuple):
+    """What every block of one read shares."""
+
+    layout: NetworkLayout
+    dtype: np.dtype[Any]
+    eps: float
+    strides: Mapping[str, int] | None
+    func: str
+
+
+def _read_block(
+    name: str,
+    local: dict[str, Any],
+    in_channels: int | None,
+    context: _Context,
+    problems: list[str],
+) -> _Read:
+    """Read one block (train form through its family, or the deploy conv); record problems."""
+    layout = context.layout
+    prefix = layout.prefix(name, func=context.func)
+    key_layout = layout.key_layout
+    firsts = {key.split(".", 1)[0] for key in local}
+    deploy = layout.deploy_prefix in firsts
+    kept = FAMILIES[layout.family].kept
+    train = sorted(firsts - {layout.deploy_prefix} - (set(kept) if deploy else set()))
+    if deploy and train:
         problems.append(
-            f"shape mismatch: {kernel_key} has shape {kernel.shape}, expected (C_out, "
-            "C_in // groups, K, K) with K odd"
+            f"{prefix} mixes the deploy conv ({layout.deploy_prefix}) with train-form branches "
+            f"({', '.join(train)})"
         )
-        return None
-    out_channels, per_group = kernel.shape[:2]
+        return _Read(None, None)
+    state = {key_layout.published(key): _as_dtype(value, context.dtype) for key, value in local.items()}
+    main = f"{layout.deploy_prefix}.weight" if deploy else key_layout.published(key_layout.marker)
+    shape = tuple(np.shape(state[main])) if main in state else ()
+    expected = "(C_out, C_in // groups, K, K) with K odd"
+    if main not in state:
+        problems.append(f"missing key {prefix}.{key_layout.local(main)} (expected {expected})")
+        return _Read(None, None)
+    if len(shape) != 4 or shape[2] != shape[3] or shape[2] % 2 == 0:
+        problems.append(
+            f"shape mismatch: {prefix}.{key_layout.local(main)} has shape {shape}, expected "
+            + expected
+        )
+        return _Read(None, None)
+    out_channels, per_group = shape[:2]
     channels_in = per_group if in_channels is None else in_channels
     if channels_in % per_group or out_channels % (channels_in // per_group):
         problems.append(
-            f"shape mismatch: {kernel_key} has shape {kernel.shape}, but the block's input has "
-            f"{channels_in} channels; expected kernel.shape[1] to divide {channels_in} into "
-            f"groups that also divide C_out={out_channels}"
+            f"shape mismatch: {prefix}.{key_layout.local(main)} has shape {shape}, but the "
+            f"block's input has {channels_in} channels; expected kernel.shape[1] to divide "
+            f"{channels_in} into groups that also divide C_out={out_channels}"
         )
-        return None
+        return _Read(None, out_channels)
     groups = channels_in // per_group
-    spec = BlockSpec(channels_in, out_channels, stride, groups)
-    ok = True
-    for leaf in main_leaves[1:]:
-        ok &= _expect_shape(
-            main[leaf], (out_channels,), block_key(name, main_branch, leaf, layout), problems
-        )
-    if pointwise is not None:
-        ok &= _expect_shape(
-            pointwise["kernel"],
-            (out_channels, per_group, 1, 1),
-            block_key(name, "pointwise", "kernel", layout),
-            problems,
-            kind="branches disagree",
-        )
-        for leaf in BN_LEAVES:
-            ok &= _expect_shape(
-                pointwise[leaf],
-                (out_channels,),
-                block_key(name, "pointwise", leaf, layout),
-                problems,
-            )
-    if identity is not None:
-        if not spec.has_identity and (in_channels is not None or name == "stage0"):
-            problems.append(
-                f"branches disagree: {block_prefix(name, layout)} has an identity branch but "
-                f"maps {channels_in} -> {out_channels} channels with stride {stride}; an identity "
-                "needs C_in == C_out and stride 1"
-            )
-            ok = False
-        for leaf in BN_LEAVES:
-            ok &= _expect_shape(
-                identity[leaf],
-                (out_channels,),
-                block_key(name, "identity", leaf, layout),
-                problems,
-            )
-    missing_branch = ("pointwise" in branches and pointwise is None) or (
-        "identity" in branches and identity is None
-    )
-    if not ok or missing_branch:
-        return _BlockArrays(name, "invalid", {}, spec)
-    return _BlockArrays(
-        name,
-        form,
-        {"main": main, "pointwise": pointwise or {}, "identity": identity or {}},
-        spec,
-    )
+    names = {key_layout.published(key): f"{prefix}.{key}" for key in local}
 
+    def named(key: str) -> str:
+        return names.get(key, f"{prefix}.{key_layout.local(key)}")
 
-def _build_block(checked: _BlockArrays, dtype: np.dtype[Any], eps: float, layout: Layout) -> Block:
-    """Build one block; an error of the model layer is re-raised naming the tensors' block."""
-
-    def bn(branch: str, arrays: dict[str, Any]) -> BatchNorm:
-        gamma, beta, mean, var = (np.asarray(arrays[leaf], dtype=dtype) for leaf in BN_LEAVES)
-        try:
-            return BatchNorm(gamma, beta, mean, var, eps=eps)
-        except ReparamError as exc:
-            where = block_key(checked.name, branch, "weight", layout).removesuffix(".weight")
-            raise ReparamError(
-                f"from_state_dict: {where}.* (block {block_prefix(checked.name, layout)}): {exc}"
-            ) from None
-
-    main = checked.arrays["main"]
-    spec = checked.spec
     try:
-        if checked.form == "deploy":
-            return DeployBlock(
-                np.asarray(main["kernel"], dtype=dtype),
-                np.asarray(main["bias"], dtype=dtype),
-                spec.stride,
-                spec.groups,
-            )
-        pointwise = checked.arrays["pointwise"]
-        identity = checked.arrays["identity"]
-        return TrainBlock(
-            np.asarray(main["kernel"], dtype=dtype),
-            bn("dense", main),
-            np.asarray(pointwise["kernel"], dtype=dtype) if pointwise else None,
-            bn("pointwise", pointwise) if pointwise else None,
-            bn("identity", identity) if identity else None,
-            spec.stride,
-            spec.groups,
-        )
+        if deploy:
+            block: Block = _read_deploy(state, shape, groups, prefix, kept, context, named)
+        else:
+            block = _read_train(state, channels_in, groups, prefix, context, named)
     except ReparamError as exc:
-        if str(exc).startswith("from_state_dict:"):
-            raise
-        raise ReparamError(
-            f"from_state_dict: block {block_prefix(checked.name, layout)}: {exc}"
-        ) from None
+        problems += exc.problems or [str(exc.located(prefix))]
+        return _Read(None, out_channels)
+    return _Read(block, out_channels)
 
 
-def _model_dtype(arrays: list[npt.NDArray[Any]]) -> np.dtype[Any]:
-    """float64 if any tensor is float64, else float32 (float16 is computed in float32)."""
-    if any(array.dtype.itemsize >= 8 for array in arrays):
-        return np.dtype(np.float64)
-    return np.dtype(np.float32)
+def _read_train(
+    state: dict[str, Any],
+    in_channels: int,
+    groups: int,
+    prefix: str,
+    context: _Context,
+    named: Any,
+) -> TrainBlock:
+    """Read a train-form block through its family; the stride from the tensors, else the rule."""
+    family = FAMILIES[context.layout.family]
+    if family.infer is None:  # pragma: no cover - every registered family infers
+        raise ReparamError(f"{family.name} cannot read its configuration from tensors")
+    inferred = family.infer(state, {"groups": groups})
+    assumed = {note.split(":", 1)[0] for note in inferred.notes}
+    assumed |= {option for option, _ in inferred.ambiguous}
+    stride = _stated_stride(prefix, context.strides)
+    if stride is None and "stride" in inferred.config and "stride" not in assumed:
+        stride = int(inferred.config["stride"])  # e.g. an identity branch: stride 1
+    if stride is None:  # the published rule
+        stride = 2 if prefix == context.layout.stem or _first_of_stage(prefix, context) else 1
+    config = inferred.config | {"in_channels": in_channels, "groups": groups, "stride": stride}
+    block = read_family_block(family.name, state, eps=context.eps, key_names=named, **config)
+    return TrainBlock.from_tree(block.tree, stride=stride, groups=groups, family=family.name)
+
+
+def _first_of_stage(prefix: str, context: _Context) -> bool:
+    found = context.layout.split(f"{prefix}.x")
+    return found is not None and found[0][1] == 0
+
+
+def _read_deploy(
+    state: dict[str, Any],
+    shape: tuple[int, ...],
+    groups: int,
+    prefix: str,
+    kept: tuple[str, ...],
+    context: _Context,
+    named: Any,
+) -> DeployBlock:
+    """Read a deploy block's conv (and fold in what the published deploy form keeps after it)."""
+    layout = context.layout
+    stride = _stated_stride(prefix, context.strides)
+    if stride is None:
+        stride = 2 if prefix == layout.stem or _first_of_stage(prefix, context) else 1
+    reader = StateReader(f"{prefix}.{layout.deploy_prefix}", state, eps=context.eps, key_names=named)
+    kernel = reader.array(f"{layout.deploy_prefix}.weight", shape)
+    bias = reader.array(f"{layout.deploy_prefix}.bias", shape[:1])
+    after = [
+        Norm(reader.bn(name, shape[0]), name=name)
+        for name in kept
+        if any(key.startswith(name + ".") for key in state)
+    ]
+    reader.finish()
+    if not after:
+        return DeployBlock(kernel, bias, stride, groups)
+    conv = Conv(kernel, bias, stride=stride, padding=centred_padding(shape[2]), groups=groups)
+    folded = fold(Sequential(conv, *after))
+    return DeployBlock(folded.kernel, folded.bias, stride, folded.groups, folded.padding[0])
 
 
 def from_state_dict(
@@ -368,15 +294,17 @@ def from_state_dict(
     Parameters
     ----------
     tensors : mapping of str to array_like
-        A state dict in the official or the timm layout, train or deploy
-        form; ``num_batches_tracked`` entries are ignored.
-    layout : {"official", "timm"}, optional
-        Detected from the keys by default.
+        A state dict in a registered network layout (``"official"``,
+        ``"timm"``, ``"qarepvgg"``), train or deploy form;
+        ``num_batches_tracked`` entries are ignored.
+    layout : str, optional
+        Detected from the keys by default (:func:`detect_layout`).
     arch : str, optional
         A published architecture the weights must have (e.g. ``"RepVGG-A0"``);
         by default it is inferred when the shapes match one.
     eps : float, default 1e-5
-        The BatchNorm epsilon (1e-5 in both layouts' frameworks).
+        The BatchNorm epsilon (PyTorch's default, with which the official and
+        timm models are built; YOLOv6 builds its models with 1e-3).
     strides : mapping of str to int, optional
         Strides by block prefix in the checkpoint's names (``"stages.2.0"``,
         ``fnmatch`` patterns allowed). The tensors never hold strides: by
@@ -409,13 +337,14 @@ def from_state_dict(
         layout=layout,
         arch=arch,
         eps=eps,
-        source="from_state_dict: the state dict",
+        func="from_state_dict",
+        source="the state dict",
         strides=strides,
     )
 
 
 def _problems_error(
-    problems: list[str], keys: Any, layout: Layout, *, forced: bool, source: str
+    problems: list[str], keys: Any, layout: NetworkLayout, *, forced: bool, source: str
 ) -> ReparamError:
     """One line: the first problems that fit, how many more, and a hint when one applies."""
     hint = ""
@@ -423,55 +352,36 @@ def _problems_error(
         try:
             detected = detect_layout(keys)
         except ReparamError:
-            detected = layout
-        if detected != layout:
+            detected = layout.name
+        if detected != layout.name:
             hint = f"; hint: the keys are in the {detected} layout (see --layout)"
     if not hint and any(p.startswith(("missing", "unexpected")) for p in problems):
         hint = "; hint: check --layout and that the checkpoint is complete"
     if not hint and problems[0].startswith("architecture:"):
         hint = "; hint: without --arch any consistent RepVGG loads"
     found = listing([shown(problem, 110) for problem in problems], budget=100)
-    return ReparamError(f"{source} does not fit a RepVGG ({layout} layout): {found}{hint}")
+    return ReparamError(
+        f"{source} does not fit a RepVGG ({layout.name} layout): {found}{hint}",
+        problems=tuple(problems),
+    )
 
 
-def _layout_of(keys: Any, layout: Layout | None, *, source: str) -> Layout:
+def _layout_of(keys: Any, layout: Layout | None, *, func: str, source: str) -> NetworkLayout:
     """Return the forced layout, or the one detected from the keys (errors name ``source``)."""
     if layout is not None:
-        return check_layout(layout, func=source.split(":")[0])
-    try:
-        return detect_layout(keys)
-    except ReparamError as exc:
-        raise ReparamError(f"{source}: {str(exc).removeprefix('detect_layout: ')}") from None
+        return network_layout(layout, func=func)
+    return network_layout(detect_layout(keys, func=source), func=func)
 
 
-def _check_keys(keys: list[str], *, layout: Layout | None, source: str) -> None:
+def _check_keys(keys: list[str], *, layout: Layout | None, func: str, source: str) -> None:
     """Refuse a checkpoint from its key names alone, before any tensor is read."""
-    chosen = _layout_of(keys, layout, source=source)
+    where = f"{func}: {source}"
+    chosen = _layout_of(keys, layout, func=func, source=where)
     problems: list[str] = []
     parsed, _ = _parse_keys(dict.fromkeys(keys), chosen, problems)
-    _check_positions(list(parsed), chosen, problems)
+    _check_positions(list(parsed), chosen, problems, func=func)
     if problems:
-        raise _problems_error(problems, keys, chosen, forced=layout is not None, source=source)
-
-
-def _stride(
-    name: str, branches: Mapping[str, Any], layout: Layout, strides: Mapping[str, int] | None
-) -> int:
-    """Return a block's stride: stated, else 1 with an identity branch, else the RepVGG rule.
-
-    The tensors never say the stride. An identity branch only exists at
-    stride 1; elsewhere the published rule applies (2 for the stem and the
-    first block of a stage, 1 for the rest), unless ``strides`` (keyed by the
-    block's prefix in the checkpoint's layout, ``fnmatch`` patterns allowed)
-    says otherwise, e.g. for a timm stage configured with ``s=1``.
-    """
-    prefix = block_prefix(name, layout)
-    for pattern, stride in (strides or {}).items():
-        if pattern == prefix or fnmatch.fnmatchcase(prefix, pattern):
-            return int(stride)
-    if "identity" in branches:
-        return 1
-    return 2 if name == "stage0" or name.endswith(".0") else 1
+        raise _problems_error(problems, keys, chosen, forced=layout is not None, source=where)
 
 
 def _from_state_dict(
@@ -480,36 +390,34 @@ def _from_state_dict(
     layout: Layout | None,
     arch: str | None,
     eps: float,
+    func: str,
     source: str,
     strides: Mapping[str, int] | None = None,
 ) -> RepVGG:
-    func = "from_state_dict"
-    chosen = _layout_of(tensors.keys(), layout, source=source)
+    where = f"{func}: {source}"
+    chosen = _layout_of(tensors.keys(), layout, func=func, source=where)
     expected_arch = None if arch is None else canonical_architecture(arch)
     problems: list[str] = []
     parsed, head = _parse_keys(tensors, chosen, problems)
-    positions = _check_positions(list(parsed), chosen, problems)
-    checked: list[_BlockArrays] = []
+    positions = _check_positions(list(parsed), chosen, problems, func=func)
+    context = _Context(chosen, _model_dtype(tensors.values()), eps, strides, func)
+    blocks: list[tuple[str, Block]] = []
     in_channels: int | None = None
     for position in positions:
         name = _block_name(position)
-        stride = _stride(name, parsed[position], chosen, strides)
-        block = _check_block(name, parsed[position], in_channels, stride, chosen, problems)
-        if block is None:
-            in_channels = None
-            continue
-        checked.append(block)
-        in_channels = block.spec.out_channels
-    forms = {block.form for block in checked} - {"invalid"}
-    if len(forms) > 1:
-        train = [b.name for b in checked if b.form == "train"]
-        deploy = [b.name for b in checked if b.form == "deploy"]
+        read = _read_block(name, parsed[position], in_channels, context, problems)
+        if read.block is not None:
+            blocks.append((name, read.block))
+        in_channels = read.out_channels
+    train = [name for name, block in blocks if isinstance(block, TrainBlock)]
+    deploy = [name for name, block in blocks if isinstance(block, DeployBlock)]
+    if train and deploy:
         problems.append(
             f"mixed forms: train-form blocks ({', '.join(train[:3])}...) and deploy-form blocks "
             f"({', '.join(deploy[:3])}...) in one checkpoint"
         )
     head_arrays = _branch_head(head, chosen, in_channels, problems)
-    specs: NamedSpecs = tuple((block.name, block.spec) for block in checked)
+    specs: NamedSpecs = tuple((name, block.spec) for name, block in blocks)
     if expected_arch is not None and not problems:
         differences = architecture_differences(specs, expected_arch)
         if differences:
@@ -524,20 +432,31 @@ def _from_state_dict(
         problems += [f"architecture: {line}" for line in differences]
     if problems:
         forced = layout is not None
-        raise _problems_error(problems, tensors.keys(), chosen, forced=forced, source=source)
+        raise _problems_error(problems, tensors.keys(), chosen, forced=forced, source=where)
     if head_arrays is None:  # pragma: no cover - a missing head is one of the problems above
         raise ReparamError(f"{func}: the checkpoint has no usable head")
-    every = [a for block in checked for group in block.arrays.values() for a in group.values()]
-    dtype = _model_dtype([np.asarray(a) for a in every] + list(head_arrays))
-    blocks = tuple((block.name, _build_block(block, dtype, eps, chosen)) for block in checked)
-    weight, bias = (np.asarray(a, dtype=dtype) for a in head_arrays)
-    return RepVGG(blocks, Head(weight, bias), arch=match_architecture(specs), layout=chosen)
+    weight, bias = (np.asarray(a, dtype=context.dtype) for a in head_arrays)
+    return RepVGG(
+        tuple(blocks), Head(weight, bias), arch=match_architecture(specs), layout=chosen.name
+    )
+
+
+def _as_array(value: Any, key: str, problems: list[str]) -> npt.NDArray[Any] | None:
+    array = np.asarray(value)
+    if not np.issubdtype(array.dtype, np.floating):
+        problems.append(f"{key} has dtype {array.dtype}; expected a floating dtype")
+        return None
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        problems.append(f"{key} has {bad:,} non-finite values (NaN or inf) of {array.size:,}")
+        return None
+    return array
 
 
 def _branch_head(
-    head: dict[str, Any], layout: Layout, features: int | None, problems: list[str]
+    head: dict[str, Any], layout: NetworkLayout, features: int | None, problems: list[str]
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]] | None:
-    prefix = HEAD[layout]
+    prefix = layout.head
     for leaf in ("weight", "bias"):
         if leaf not in head:
             problems.append(f"missing key {prefix}.{leaf}")
@@ -564,23 +483,67 @@ def _branch_head(
 # --------------------------------------------------------------------------- model -> state dict
 
 
+def _tree_state(block: TrainBlock) -> dict[str, npt.NDArray[Any]]:
+    """Every array of a block's tree under its published key (each leaf is named by its module)."""
+    state: dict[str, npt.NDArray[Any]] = {}
+    for leaf in tree_leaves(block.tree):
+        if isinstance(leaf, Conv):
+            state[f"{leaf.name}.weight"] = leaf.kernel
+            if leaf.bias is not None:
+                state[f"{leaf.name}.bias"] = leaf.bias
+        elif isinstance(leaf, Norm):
+            bn = leaf.bn
+            for key, array in zip(_BN_LEAVES, (bn.gamma, bn.beta, bn.mean, bn.var), strict=True):
+                state[f"{leaf.name}.{key}"] = array
+    return state
+
+
+def _state_dict(model: RepVGG, layout: Layout | None, *, func: str) -> Tensors:
+    chosen = network_layout(model.layout if layout is None else layout, func=func)
+    tensors: Tensors = {}
+    for name, block in model.blocks:
+        prefix = chosen.prefix(name, func=func)
+        if isinstance(block, DeployBlock):
+            tensors[f"{prefix}.{chosen.deploy_prefix}.weight"] = block.kernel
+            tensors[f"{prefix}.{chosen.deploy_prefix}.bias"] = block.bias
+            continue
+        if block.family != chosen.family:
+            others = [n for n, other in NETWORK_LAYOUTS.items() if other.family == block.family]
+            raise ReparamError(
+                f"{func}: block {name} is a {block.family}; the {chosen.name} layout names "
+                f"{chosen.family} blocks (hint: layout={'|'.join(others) or '...'})"
+            )
+        for key, array in _tree_state(block).items():
+            tensors[f"{prefix}.{chosen.key_layout.local(key)}"] = array
+    tensors[f"{chosen.head}.weight"] = model.head.weight
+    tensors[f"{chosen.head}.bias"] = model.head.bias
+    return tensors
+
+
 def to_state_dict(model: RepVGG, *, layout: Layout | None = None) -> Tensors:
-    """Name every array of a model in a checkpoint layout.
+    """Name every array of a model in a network layout.
 
     Parameters
     ----------
     model : RepVGG
         Train or deploy form.
-    layout : {"official", "timm"}, optional
-        The model's own layout by default.
+    layout : str, optional
+        The model's own layout by default (``"official"``, ``"timm"``, ...).
 
     Returns
     -------
     dict of str to ndarray
-        Train form: every branch's kernel and BatchNorm (running statistics
-        included, ``num_batches_tracked`` omitted: PyTorch fills it in).
-        Deploy form: ``rbr_reparam`` / ``reparam_conv`` weight and bias.
-        The arrays are the model's own read-only arrays (no copy).
+        Train form: every leaf of every block's tree under its published
+        module name, in the layout's names (running statistics included,
+        ``num_batches_tracked`` omitted: PyTorch fills it in). Deploy form:
+        ``rbr_reparam`` / ``reparam_conv`` weight and bias. The arrays are
+        the model's own read-only arrays (no copy).
+
+    Raises
+    ------
+    ReparamError
+        For an unknown layout, a block name the layout cannot name, or
+        train-form blocks of another family than the layout's.
 
     Examples
     --------
@@ -590,28 +553,7 @@ def to_state_dict(model: RepVGG, *, layout: Layout | None = None) -> Tensors:
     >>> sorted(to_state_dict(model, layout="timm"))
     ['head.fc.bias', 'head.fc.weight', 'stem.reparam_conv.bias', 'stem.reparam_conv.weight']
     """
-    chosen = model.layout if layout is None else check_layout(layout, func="to_state_dict")
-    tensors: Tensors = {}
-    for name, block in model.blocks:
-        if isinstance(block, DeployBlock):
-            tensors[block_key(name, "reparam", "kernel", chosen)] = block.kernel
-            tensors[block_key(name, "reparam", "bias", chosen)] = block.bias
-            continue
-        branches: list[tuple[str, Any, BatchNorm | None]] = [
-            ("dense", block.dense_kernel, block.dense_bn),
-            ("pointwise", block.pointwise_kernel, block.pointwise_bn),
-            ("identity", None, block.identity_bn),
-        ]
-        for branch, kernel, bn in branches:
-            if bn is None:
-                continue
-            if kernel is not None:
-                tensors[block_key(name, branch, "kernel", chosen)] = kernel
-            for leaf, array in zip(BN_LEAVES, (bn.gamma, bn.beta, bn.mean, bn.var), strict=True):
-                tensors[block_key(name, branch, leaf, chosen)] = array
-    tensors[f"{HEAD[chosen]}.weight"] = model.head.weight
-    tensors[f"{HEAD[chosen]}.bias"] = model.head.bias
-    return tensors
+    return _state_dict(model, layout, func="to_state_dict")
 
 
 class LoadedCheckpoint(NamedTuple):
@@ -648,14 +590,15 @@ def load_file(
     name = shown_path(path)
     contents = read_checkpoint(
         path,
-        check_keys=lambda keys: _check_keys(keys, layout=layout, source=f"load: {name}"),
+        check_keys=lambda keys: _check_keys(keys, layout=layout, func="load", source=name),
     )
     model = _from_state_dict(
         contents.tensors,
         layout=layout,
         arch=arch,
         eps=eps,
-        source=f"load: {name}",
+        func="load",
+        source=name,
         strides=strides,
     )
     floating = {
@@ -684,8 +627,9 @@ def load(
         prefixes (``module.``, ``_orig_mod.``) are removed.
     arch : str, optional
         A published architecture the weights must have; inferred otherwise.
-    layout : {"official", "timm"}, optional
-        Detected from the keys by default.
+    layout : str, optional
+        A registered network layout (``"official"``, ``"timm"``,
+        ``"qarepvgg"``); detected from the keys by default.
     eps : float, default 1e-5
         BatchNorm epsilon.
 
@@ -715,7 +659,7 @@ def save(model: RepVGG, path: str | os.PathLike[str], *, layout: Layout | None =
         Train or deploy form.
     path : str or path-like
         ``.npz``, ``.safetensors``, ``.pth`` or ``.pt``.
-    layout : {"official", "timm"}, optional
+    layout : str, optional
         The layout the model came from by default.
 
     Raises
@@ -726,4 +670,4 @@ def save(model: RepVGG, path: str | os.PathLike[str], *, layout: Layout | None =
         If writing fails; no partial file is left behind.
     """
     check_suffix(Path(path), func="save", allowed=CHECKPOINT_SUFFIXES)
-    write_tensors(path, to_state_dict(model, layout=layout))
+    write_tensors(path, _state_dict(model, layout, func="save"))

@@ -4,6 +4,8 @@ Published as ``RepVGGBlock`` in DingXiaoH/RepVGG (``repvgg.py``); YOLOv6's
 ``RepVGGBlock`` has the same keys. Train keys: ``rbr_dense.{conv,bn}``,
 ``rbr_1x1.{conv,bn}``, ``rbr_identity`` (a BatchNorm, only when
 ``in_channels == out_channels`` and ``stride == 1``); deploy ``rbr_reparam``.
+A block without any key of its 1x1 or identity branch (the paper's
+ablations) is read without that branch.
 The 1x1 branch pads by ``padding - kernel_size // 2``. The published block
 asserts ``kernel_size == 3`` and ``padding == 1``; any odd kernel with
 ``padding == kernel_size // 2`` folds here. ``dilation`` never reaches the
@@ -36,6 +38,8 @@ from .base import (
 __all__ = ["FAMILY", "repvgg_block_tree"]
 
 NAME = "RepVGGBlock"
+_BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+_BRANCH_KEYS = ("conv.weight", *(f"bn.{key}" for key in _BN_KEYS))
 
 
 def repvgg_block_tree(reader: StateReader, config: Config) -> Node:
@@ -56,13 +60,18 @@ def repvgg_block_tree(reader: StateReader, config: Config) -> Node:
         )
     per_group = in_channels // options.groups
     dense = reader.array("rbr_dense.conv.weight", (out_channels, per_group, size, size))
-    small = reader.array("rbr_1x1.conv.weight", (out_channels, per_group, 1, 1))
-    identity = None
-    if in_channels == out_channels and stride == 1:
+    small = None  # a block without a 1x1 branch (an ablation of the paper) has none of its keys
+    if any(reader.has(f"rbr_1x1.{key}") for key in _BRANCH_KEYS):
+        weight = reader.array("rbr_1x1.conv.weight", (out_channels, per_group, 1, 1))
+        small = (weight, reader.bn("rbr_1x1.bn", out_channels))
+    identity = None  # only where it can exist, and only when some of its keys are there
+    if in_channels == out_channels and stride == 1 and any(
+        reader.has(f"rbr_identity.{key}") for key in _BN_KEYS
+    ):
         identity = reader.bn("rbr_identity", out_channels)
     return repvgg_tree(
         (dense, reader.bn("rbr_dense.bn", out_channels)),
-        (small, reader.bn("rbr_1x1.bn", out_channels)),
+        small,
         identity,
         stride=stride,
         groups=options.groups,

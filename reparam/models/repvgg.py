@@ -1,9 +1,15 @@
-"""RepVGG as a NumPy model, in its train form and its deploy form.
+"""RepVGG-style networks in NumPy: a chain of blocks, each a tree of the branch algebra, or folded.
 
 A model is an immutable :class:`RepVGG` holding named blocks (``"stage0"``,
-``"stage3.7"``), a linear head, its form (``"train"`` or ``"deploy"``), the
-architecture name when it is a published one, the checkpoint layout it came
-from and its dtype. Converting returns a new model; nothing is mutated.
+``"stage3.7"``), a linear head, the architecture name when it is a published
+one, the checkpoint layout it came from and its dtype. A train-form block
+(:class:`TrainBlock`) is a tree of :mod:`reparam.core.algebra` (the branches
+of a published block family: RepVGG's ``RepVGGBlock``, YOLOv6's
+``QARepVGGBlock``) followed by a ReLU; running it, counting it, folding it,
+casting it and initialising it at random all walk that tree. A deploy-form
+block (:class:`DeployBlock`) is the one convolution the tree folds into, with
+its stride, groups and padding. Converting returns a new model; nothing is
+mutated.
 """
 
 from __future__ import annotations
@@ -11,16 +17,28 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
-from ..core.algebra import Parallel, evaluate, fold, num_parameters
+from ..core.algebra import (
+    Conv,
+    Linear,
+    Node,
+    Norm,
+    Parallel,
+    Sequential,
+    evaluate,
+    fold,
+    multiply_adds,
+    num_parameters,
+    output_size,
+)
 from ..core.checks import FloatArray, as_float_array, positive_int
-from ..core.conv import conv2d, conv_output_size
+from ..core.conv import centred_padding, conv2d, conv_output_size
 from ..core.errors import ReparamError
 from ..core.fusion import repvgg_tree
 from ..core.params import BatchNorm
@@ -37,10 +55,76 @@ from .architectures import (
 if TYPE_CHECKING:
     from ..engine.stack import DeployStack
 
-__all__ = ["Block", "DeployBlock", "Head", "RepVGG", "TrainBlock"]
+__all__ = ["Block", "DeployBlock", "Head", "RepVGG", "TrainBlock", "tree_leaves"]
 
-Layout: TypeAlias = Literal["official", "timm"]
+#: The name of a registered network layout (:data:`reparam.checkpoints.layouts.NETWORK_LAYOUTS`).
+Layout: TypeAlias = str
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+#: The published ``RepVGGBlock`` and its branches' module names (DingXiaoH/RepVGG).
+REPVGG_BLOCK = "RepVGGBlock"
+_BRANCHES = ("rbr_dense", "rbr_1x1", "rbr_identity")
+#: The published architectures' kernel sizes: 3x3 dense, 1x1 pointwise.
+_KERNEL_SIZES = (3, 1)
+
+
+# --------------------------------------------------------------------------- trees
+
+
+def tree_leaves(node: Node) -> Iterator[Node]:
+    """The leaves of a tree, first branch (first step) first."""
+    if isinstance(node, Parallel):
+        for branch in node.branches:
+            yield from tree_leaves(branch)
+    elif isinstance(node, Sequential):
+        for step in node.steps:
+            yield from tree_leaves(step)
+    else:
+        yield node
+
+
+def _map_leaves(node: Node, change: Callable[[Node], Node]) -> Node:
+    """The same tree with every leaf replaced by ``change(leaf)``, in :func:`_leaves` order."""
+    if isinstance(node, Parallel):
+        return Parallel(*(_map_leaves(branch, change) for branch in node.branches), name=node.name)
+    if isinstance(node, Sequential):
+        return Sequential(*(_map_leaves(step, change) for step in node.steps), name=node.name)
+    return change(node)
+
+
+def _with_arrays(leaf: Node, kernel: FloatArray, bias: FloatArray | None) -> Conv:
+    """``leaf`` (a Conv) with other arrays and the same geometry and name."""
+    assert isinstance(leaf, Conv)
+    return Conv(
+        kernel,
+        bias,
+        stride=leaf.stride,
+        padding=leaf.padding,
+        groups=leaf.groups,
+        dilation=leaf.dilation,
+        name=leaf.name,
+    )
+
+
+def _cast(leaf: Node, dtype: np.dtype[Any]) -> Node:
+    if isinstance(leaf, Conv):
+        bias = None if leaf.bias is None else leaf.bias.astype(dtype)
+        return _with_arrays(leaf, leaf.kernel.astype(dtype), bias)
+    if isinstance(leaf, Norm):
+        return Norm(leaf.bn.astype(dtype), name=leaf.name)
+    if _leaf_arrays(leaf):
+        raise ReparamError(f"astype: cannot cast a {type(leaf).__name__} leaf of a network block")
+    return leaf
+
+
+def _leaf_arrays(leaf: Node) -> list[FloatArray]:
+    if isinstance(leaf, Conv):
+        return [leaf.kernel] + ([] if leaf.bias is None else [leaf.bias])
+    if isinstance(leaf, Linear):
+        return [leaf.weight] + ([] if leaf.bias is None else [leaf.bias])
+    if isinstance(leaf, Norm):
+        return [leaf.bn.gamma, leaf.bn.beta, leaf.bn.mean, leaf.bn.var]
+    return [value for value in vars(leaf).values() if isinstance(value, np.ndarray)]
 
 
 # --------------------------------------------------------------------------- blocks
@@ -55,15 +139,6 @@ def _frozen(value: Any, *, func: str, name: str, ndim: int) -> FloatArray:
     return array
 
 
-def _check_kernel(kernel: FloatArray, *, func: str, name: str) -> None:
-    height, width = kernel.shape[2:]
-    if height != width or height % 2 == 0:
-        raise ReparamError(
-            f"{func}: {name} must be square with an odd size; got {height}x{width}, expected "
-            "KxK with K odd (e.g. 3x3)"
-        )
-
-
 def _check_stride_groups(stride: Any, groups: Any, out_channels: int, *, func: str) -> None:
     positive_int(stride, func=func, name="stride")
     positive_int(groups, func=func, name="groups")
@@ -73,164 +148,247 @@ def _check_stride_groups(stride: Any, groups: Any, out_channels: int, *, func: s
         )
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, init=False)
 class TrainBlock:
-    """One train-form block: ``relu(bn_d(conv3x3(x)) + bn_p(conv1x1(x)) + bn_i(x))``.
+    """One train-form block: ``relu(tree(x))``, the tree being a published family's branches.
+
+    ``TrainBlock(dense_kernel, dense_bn, pointwise_kernel, pointwise_bn,
+    identity_bn, stride, groups)`` builds RepVGG's block,
+    ``relu(bn_d(conv_KxK(x)) + bn_p(conv_1x1(x)) + bn_i(x))``, as the tree of
+    :func:`reparam.core.fusion.repvgg_tree` with the published module names
+    (``rbr_dense``, ``rbr_1x1``, ``rbr_identity``); :meth:`from_tree` takes any
+    family's tree (a checkpoint reader's, e.g. YOLOv6's ``QARepVGGBlock``).
+
+    Parameters
+    ----------
+    dense_kernel : array_like, shape (C_out, C_in // groups, K, K)
+        The KxK convolution (3x3 in RepVGG), padded by ``K // 2``.
+    dense_bn : BatchNorm
+        Its BatchNorm over ``C_out``.
+    pointwise_kernel : array_like, shape (C_out, C_in // groups, k, k'), optional
+        The small branch (1x1 in RepVGG; any odd sizes up to K, centred as
+        :func:`reparam.fuse_block` centres it).
+    pointwise_bn : BatchNorm, optional
+        Its BatchNorm (given exactly when ``pointwise_kernel`` is).
+    identity_bn : BatchNorm, optional
+        The identity branch; only when ``C_in == C_out`` and ``stride == 1``.
+    stride : int, default 1
+        Stride of both convolutions.
+    groups : int, default 1
+        Groups of both convolutions.
 
     Attributes
     ----------
-    dense_kernel : ndarray, shape (C_out, C_in // groups, K, K)
-        The 3x3 (K odd) convolution, used with padding ``K // 2``.
-    dense_bn : BatchNorm
-        Its BatchNorm over ``C_out``.
-    pointwise_kernel : ndarray, shape (C_out, C_in // groups, k, k'), or None
-        The small branch (1x1 in RepVGG; any odd sizes up to K, centred as
-        :func:`reparam.fuse_block` centres it), if the block has one.
-    pointwise_bn : BatchNorm or None
-        Its BatchNorm (given exactly when ``pointwise_kernel`` is).
-    identity_bn : BatchNorm or None
-        The identity branch; only when ``C_in == C_out`` and ``stride == 1``.
-    stride : int
-        Stride of both convolutions.
-    groups : int
-        Groups of both convolutions.
+    tree : Node
+        The branches (before the ReLU): what running, folding and counting walk.
+    stride, groups : int
+        Of the block's convolutions (and of the conv it folds into).
+    family : str
+        The published block class, e.g. ``"RepVGGBlock"`` or ``"QARepVGGBlock"``.
 
     Raises
     ------
     ReparamError
-        On malformed arrays or branches that do not fit together.
+        On malformed arrays or branches that do not fit together (the
+        algebra's checks: channels that differ, outputs of different sizes).
     """
 
-    dense_kernel: FloatArray
-    dense_bn: BatchNorm
-    pointwise_kernel: FloatArray | None = None
-    pointwise_bn: BatchNorm | None = None
-    identity_bn: BatchNorm | None = None
-    stride: int = 1
-    groups: int = 1
+    tree: Node
+    stride: int
+    groups: int
+    family: str
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        dense_kernel: npt.ArrayLike,
+        dense_bn: BatchNorm,
+        pointwise_kernel: npt.ArrayLike | None = None,
+        pointwise_bn: BatchNorm | None = None,
+        identity_bn: BatchNorm | None = None,
+        stride: int = 1,
+        groups: int = 1,
+    ) -> None:
         func = "TrainBlock"
-        dense = _frozen(self.dense_kernel, func=func, name="dense_kernel", ndim=4)
-        _check_kernel(dense, func=func, name="dense_kernel")
-        out_channels, per_group = dense.shape[:2]
-        _check_stride_groups(self.stride, self.groups, out_channels, func=func)
-        object.__setattr__(self, "dense_kernel", dense)
-        object.__setattr__(self, "stride", int(self.stride))
-        object.__setattr__(self, "groups", int(self.groups))
-        if (self.pointwise_kernel is None) != (self.pointwise_bn is None):
+        if (pointwise_kernel is None) != (pointwise_bn is None):
             raise ReparamError(
                 f"{func}: pointwise_kernel and pointwise_bn go together; got only one of them"
             )
-        if self.pointwise_kernel is not None:
-            pointwise = _frozen(self.pointwise_kernel, func=func, name="pointwise_kernel", ndim=4)
-            small_h, small_w = pointwise.shape[2:]
-            size = dense.shape[2]
-            if (
-                pointwise.shape[:2] != (out_channels, per_group)
-                or small_h > size
-                or small_w > size
-                or small_h % 2 == 0
-                or small_w % 2 == 0
-            ):
-                raise ReparamError(
-                    f"{func}: pointwise_kernel disagrees with dense_kernel {dense.shape}; got "
-                    f"{pointwise.shape}, expected {(out_channels, per_group)} and odd sizes of at "
-                    f"most {size}x{size} (1x1 in RepVGG), as fuse_block accepts"
-                )
-            object.__setattr__(self, "pointwise_kernel", pointwise)
-        for name in ("dense_bn", "pointwise_bn", "identity_bn"):
-            bn = getattr(self, name)
-            if bn is not None and (not isinstance(bn, BatchNorm) or bn.channels != out_channels):
-                got = f"{bn.channels} channels" if isinstance(bn, BatchNorm) else type(bn).__name__
-                raise ReparamError(
-                    f"{func}: {name} must be a BatchNorm over C_out={out_channels}; got {got}"
-                )
-        if self.identity_bn is not None and not self.spec.has_identity:
-            raise ReparamError(
-                f"{func}: an identity branch needs C_in == C_out and stride 1; got C_in="
-                f"{self.spec.in_channels}, C_out={out_channels}, stride {self.stride}"
+        stride = positive_int(stride, func=func, name="stride")
+        groups = positive_int(groups, func=func, name="groups")
+        pointwise = None
+        if pointwise_kernel is not None and pointwise_bn is not None:
+            pointwise = (pointwise_kernel, pointwise_bn)
+        try:
+            tree = repvgg_tree(
+                (dense_kernel, dense_bn),
+                pointwise,
+                identity_bn,
+                stride=stride,
+                groups=groups,
+                names=_BRANCHES,
+                name=REPVGG_BLOCK,
             )
+        except ReparamError as exc:
+            raise exc.located(func) from None
+        self._set(tree, stride, groups, REPVGG_BLOCK, func=func)
+
+    @classmethod
+    def from_tree(cls, tree: Node, *, stride: int, groups: int, family: str) -> TrainBlock:
+        """Make a block of any family's tree (e.g. :attr:`reparam.families.FamilyBlock.tree`).
+
+        Parameters
+        ----------
+        tree : Node
+            The branches before the block's ReLU.
+        stride, groups : int
+            The block's (its published constructor's arguments).
+        family : str
+            The published block class.
+
+        Raises
+        ------
+        ReparamError
+            If ``tree`` is not a tree of the algebra or its branches disagree.
+        """
+        block = cls.__new__(cls)
+        block._set(tree, stride, groups, family, func="TrainBlock.from_tree")
+        return block
+
+    def _set(self, tree: Node, stride: int, groups: int, family: str, *, func: str) -> None:
+        try:  # the algebra checks that the branches agree: walk the tree on a small input
+            extent = max((max(leaf.kernel.shape[2:]) for leaf in tree_leaves(tree) if isinstance(leaf, Conv)), default=1)
+            output_size(tree, 2 * extent, 2 * extent)
+        except ReparamError as exc:
+            raise exc.located(func) from None
+        object.__setattr__(self, "tree", tree)
+        object.__setattr__(self, "stride", positive_int(stride, func=func, name="stride"))
+        object.__setattr__(self, "groups", positive_int(groups, func=func, name="groups"))
+        object.__setattr__(self, "family", str(family))
+
+    # ---- the published RepVGGBlock's branches, by their module names
+
+    @functools.cached_property
+    def _named(self) -> dict[str, Node]:
+        return {leaf.name: leaf for leaf in tree_leaves(self.tree) if getattr(leaf, "name", "")}
+
+    def _conv(self, *names: str) -> FloatArray | None:
+        leaf = next((self._named[name] for name in names if name in self._named), None)
+        return leaf.kernel if isinstance(leaf, Conv) else None
+
+    def _norm(self, name: str) -> BatchNorm | None:
+        leaf = self._named.get(name)
+        return leaf.bn if isinstance(leaf, Norm) else None
+
+    @property
+    def dense_kernel(self) -> FloatArray:
+        """The KxK kernel (``rbr_dense.conv``), shape (C_out, C_in // groups, K, K)."""
+        kernel = self._conv(f"{_BRANCHES[0]}.conv")
+        if kernel is None:
+            raise ReparamError(f"TrainBlock: a {self.family} has no {_BRANCHES[0]}.conv branch")
+        return kernel
+
+    @property
+    def dense_bn(self) -> BatchNorm:
+        """The KxK branch's BatchNorm (``rbr_dense.bn``)."""
+        bn = self._norm(f"{_BRANCHES[0]}.bn")
+        if bn is None:
+            raise ReparamError(f"TrainBlock: a {self.family} has no {_BRANCHES[0]}.bn branch")
+        return bn
+
+    @property
+    def pointwise_kernel(self) -> FloatArray | None:
+        """The small branch's kernel (``rbr_1x1``), or None."""
+        return self._conv(f"{_BRANCHES[1]}.conv", _BRANCHES[1])
+
+    @property
+    def pointwise_bn(self) -> BatchNorm | None:
+        """The small branch's BatchNorm (``rbr_1x1.bn``), or None (QARepVGG's has none)."""
+        return self._norm(f"{_BRANCHES[1]}.bn")
+
+    @property
+    def identity_bn(self) -> BatchNorm | None:
+        """The identity branch's BatchNorm (``rbr_identity``), or None."""
+        return self._norm(_BRANCHES[2])
+
+    # ---- what every consumer walks
 
     @property
     def spec(self) -> BlockSpec:
         """Channels, stride and groups of this block."""
-        out_channels, per_group = self.dense_kernel.shape[:2]
-        return BlockSpec(per_group * self.groups, out_channels, self.stride, self.groups)
+        in_channels, out_channels = self.tree.in_channels, self.tree.out_channels
+        if in_channels is None or out_channels is None:  # pragma: no cover - a family's tree
+            raise ReparamError(f"TrainBlock: the {self.family} tree does not fix its channels")
+        return BlockSpec(in_channels, out_channels, self.stride, self.groups)
 
     @property
     def arrays(self) -> tuple[FloatArray, ...]:
-        """Every array of the block, running statistics included."""
-        found: list[FloatArray] = [self.dense_kernel]
-        if self.pointwise_kernel is not None:
-            found.append(self.pointwise_kernel)
-        for bn in (self.dense_bn, self.pointwise_bn, self.identity_bn):
-            if bn is not None:
-                found += [bn.gamma, bn.beta, bn.mean, bn.var]
-        return tuple(found)
+        """Every array of the tree, leaf by leaf, running statistics included."""
+        return tuple(array for leaf in tree_leaves(self.tree) for array in _leaf_arrays(leaf))
 
     @property
     def num_parameters(self) -> int:
-        """Kernel sizes plus BatchNorm gamma and beta (running statistics excluded)."""
+        """Kernel sizes plus BatchNorm gamma and beta (:func:`reparam.core.algebra.num_parameters`)."""
         return num_parameters(self.tree)
 
-    @functools.cached_property
-    def tree(self) -> Parallel:
-        """The block's branches as a tree of the algebra (:func:`reparam.core.fusion.repvgg_tree`).
+    def multiply_adds(self, height: int, width: int) -> int:
+        """Train-form multiply-adds for one ``height x width`` input (the algebra's count)."""
+        return multiply_adds(self.tree, height, width)
 
-        Evaluating it runs the train form before the ReLU; folding it is the
-        deploy form. It is the one representation the block's computations walk.
-        """
-        pointwise = None
-        if self.pointwise_kernel is not None and self.pointwise_bn is not None:
-            pointwise = (self.pointwise_kernel, self.pointwise_bn)
-        return repvgg_tree(
-            (self.dense_kernel, self.dense_bn),
-            pointwise,
-            self.identity_bn,
-            stride=self.stride,
-            groups=self.groups,
-        )
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """The output's ``(height, width)`` for an input of ``height x width``."""
+        return output_size(self.tree, height, width)
 
     def __call__(self, x: FloatArray) -> FloatArray:
-        """Apply the block to ``x`` of shape (N, C_in, H, W): ``relu`` of the branches' sum."""
+        """Apply the block to ``x`` of shape (N, C_in, H, W): ``relu`` of the tree."""
         out = evaluate(self.tree, x)
         return np.maximum(out, 0, out=out)
 
     def reparameterize(self) -> DeployBlock:
-        """Fuse the branches into one convolution: :func:`reparam.core.algebra.fold` of the tree."""
-        kernel, bias = fold(self.tree)
+        """Fold the tree into one convolution: :func:`reparam.core.algebra.fold`."""
+        conv = fold(self.tree)
+        (stride, stride_w), (padding, padding_w) = conv.stride, conv.padding
+        if (stride, padding) != (stride_w, padding_w):
+            raise ReparamError(
+                f"TrainBlock.reparameterize: the {self.family} folds into a conv with stride "
+                f"{conv.stride} and padding {conv.padding}; expected one value per axis"
+            )
+        kernel, bias = conv
         kernel.setflags(write=False)
         bias.setflags(write=False)
-        return DeployBlock(kernel, bias, self.stride, self.groups)
+        return DeployBlock(kernel, bias, stride, conv.groups, padding)
 
     def astype(self, dtype: npt.DTypeLike) -> TrainBlock:
         """Return a copy with every array in ``dtype``."""
-        return TrainBlock(
-            self.dense_kernel.astype(dtype),
-            self.dense_bn.astype(dtype),
-            None if self.pointwise_kernel is None else self.pointwise_kernel.astype(dtype),
-            None if self.pointwise_bn is None else self.pointwise_bn.astype(dtype),
-            None if self.identity_bn is None else self.identity_bn.astype(dtype),
-            self.stride,
-            self.groups,
+        resolved: np.dtype[Any] = np.dtype(dtype)
+        tree = _map_leaves(self.tree, lambda leaf: _cast(leaf, resolved))
+        return TrainBlock.from_tree(tree, stride=self.stride, groups=self.groups, family=self.family)
+
+    def __repr__(self) -> str:
+        spec = self.spec
+        return (
+            f"TrainBlock({self.family}, {spec.in_channels} -> {spec.out_channels}, "
+            f"stride={self.stride}, groups={self.groups})"
         )
 
 
 @dataclass(frozen=True, eq=False)
 class DeployBlock:
-    """One deploy-form block: ``relu(conv3x3(x) + bias)`` with padding ``K // 2``.
+    """One deploy-form block: ``relu(conv(x, kernel, stride, padding, groups) + bias)``.
 
     Attributes
     ----------
     kernel : ndarray, shape (C_out, C_in // groups, K, K)
-        The fused kernel (K odd, 3 in RepVGG).
+        The fused kernel (3x3 in RepVGG).
     bias : ndarray, shape (C_out,)
         The fused bias.
     stride : int
         Convolution stride.
     groups : int
         Convolution groups.
+    padding : int, optional
+        Zero padding on every side; by default the centred padding ``K // 2``
+        (:func:`reparam.core.conv.centred_padding`, then ``K`` must be odd),
+        which is what a RepVGG block folds into.
 
     Raises
     ------
@@ -242,11 +400,11 @@ class DeployBlock:
     bias: FloatArray
     stride: int = 1
     groups: int = 1
+    padding: int = None  # type: ignore[assignment]  # resolved in __post_init__
 
     def __post_init__(self) -> None:
         func = "DeployBlock"
         kernel = _frozen(self.kernel, func=func, name="kernel", ndim=4)
-        _check_kernel(kernel, func=func, name="kernel")
         bias = _frozen(self.bias, func=func, name="bias", ndim=1)
         if bias.shape != kernel.shape[:1]:
             raise ReparamError(
@@ -254,10 +412,25 @@ class DeployBlock:
                 f"{kernel.shape[0]} (kernel.shape[0])"
             )
         _check_stride_groups(self.stride, self.groups, kernel.shape[0], func=func)
+        if self.padding is None:
+            height, width = kernel.shape[2:]
+            if height != width or height % 2 == 0:
+                raise ReparamError(
+                    f"{func}: kernel must be square with an odd size to be centred; got "
+                    f"{height}x{width}, expected KxK with K odd (e.g. 3x3), or give padding="
+                )
+            padding = centred_padding(height)
+        elif isinstance(self.padding, (bool, np.bool_)) or not isinstance(
+            self.padding, (int, np.integer)
+        ) or self.padding < 0:
+            raise ReparamError(f"{func}: padding must be an integer >= 0; got {self.padding!r}")
+        else:
+            padding = int(self.padding)
         object.__setattr__(self, "kernel", kernel)
         object.__setattr__(self, "bias", bias)
         object.__setattr__(self, "stride", int(self.stride))
         object.__setattr__(self, "groups", int(self.groups))
+        object.__setattr__(self, "padding", padding)
 
     @property
     def spec(self) -> BlockSpec:
@@ -275,11 +448,23 @@ class DeployBlock:
         """Kernel size plus bias size."""
         return int(self.kernel.size + self.bias.size)
 
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """The output's ``(height, width)`` for an input of ``height x width``."""
+        size_h, size_w = self.kernel.shape[2:]
+        return (
+            conv_output_size(height, size_h, stride=self.stride, padding=self.padding),
+            conv_output_size(width, size_w, stride=self.stride, padding=self.padding),
+        )
+
+    def multiply_adds(self, height: int, width: int) -> int:
+        """Multiply-adds of the convolution for one ``height x width`` input."""
+        out_h, out_w = self.output_size(height, width)
+        return int(self.kernel.size * out_h * out_w)
+
     def __call__(self, x: FloatArray) -> FloatArray:
         """Apply the block to ``x`` of shape (N, C_in, H, W)."""
-        padding = self.kernel.shape[2] // 2
         out = conv2d(
-            x, self.kernel, self.bias, stride=self.stride, padding=padding, groups=self.groups
+            x, self.kernel, self.bias, stride=self.stride, padding=self.padding, groups=self.groups
         )
         return np.maximum(out, 0, out=out)
 
@@ -290,7 +475,11 @@ class DeployBlock:
     def astype(self, dtype: npt.DTypeLike) -> DeployBlock:
         """Return a copy with every array in ``dtype``."""
         return DeployBlock(
-            self.kernel.astype(dtype), self.bias.astype(dtype), self.stride, self.groups
+            self.kernel.astype(dtype),
+            self.bias.astype(dtype),
+            self.stride,
+            self.groups,
+            self.padding,
         )
 
 
@@ -336,7 +525,8 @@ class Head:
 
 
 def _located(name: str, block: Block, exc: ReparamError) -> ReparamError:
-    return ReparamError(f"{name} (stride {block.stride}, groups {block.groups}): {exc}")
+    """The model's boundary: a block's error, named once by the block."""
+    return exc.located(f"{name} (stride {block.stride}, groups {block.groups})")
 
 
 def _random_bn(rng: np.random.Generator, channels: int, dtype: np.dtype[Any]) -> BatchNorm:
@@ -363,17 +553,32 @@ def _he_normal(
     return kernel
 
 
+def _randomised(leaf: Node, rng: np.random.Generator, dtype: np.dtype[Any]) -> Node:
+    """A leaf of a block's tree with random weights (a conv's fan-in from its own kernel)."""
+    if isinstance(leaf, Conv):
+        fan_in = int(np.prod(leaf.kernel.shape[1:]))
+        return _with_arrays(leaf, _he_normal(rng, leaf.kernel.shape, fan_in, dtype), None)
+    if isinstance(leaf, Norm):
+        return Norm(_random_bn(rng, leaf.bn.channels, dtype), name=leaf.name)
+    return leaf
+
+
 def _random_block(rng: np.random.Generator, spec: BlockSpec, dtype: np.dtype[Any]) -> TrainBlock:
+    """RepVGG's block for ``spec`` (3x3 and 1x1 branches), every leaf of its tree drawn at random."""
     per_group = spec.in_channels // spec.groups
-    return TrainBlock(
-        _he_normal(rng, (spec.out_channels, per_group, 3, 3), per_group * 9, dtype),
-        _random_bn(rng, spec.out_channels, dtype),
-        _he_normal(rng, (spec.out_channels, per_group, 1, 1), per_group, dtype),
-        _random_bn(rng, spec.out_channels, dtype),
-        _random_bn(rng, spec.out_channels, dtype) if spec.has_identity else None,
+    unit = BatchNorm(*np.ones((4, spec.out_channels), dtype=dtype))
+    dense, small = _KERNEL_SIZES
+    template = TrainBlock(
+        np.zeros((spec.out_channels, per_group, dense, dense), dtype=dtype),
+        unit,
+        np.zeros((spec.out_channels, per_group, small, small), dtype=dtype),
+        unit,
+        unit if spec.has_identity else None,
         spec.stride,
         spec.groups,
     )
+    tree = _map_leaves(template.tree, lambda leaf: _randomised(leaf, rng, dtype))
+    return TrainBlock.from_tree(tree, stride=spec.stride, groups=spec.groups, family=template.family)
 
 
 def _model_dtype(dtype: npt.DTypeLike, *, func: str) -> np.dtype[Any]:
@@ -396,8 +601,10 @@ class RepVGG:
         The linear classifier over the last block's channels.
     arch : str, optional
         The published architecture name, when known.
-    layout : {"official", "timm"}, default "official"
-        The checkpoint key layout :meth:`save` writes.
+    layout : str, default "official"
+        The registered network layout :func:`reparam.save` writes
+        (``"official"``, ``"timm"``, ``"qarepvgg"``; see
+        :data:`reparam.checkpoints.layouts.NETWORK_LAYOUTS`).
 
     Attributes
     ----------
@@ -446,8 +653,11 @@ class RepVGG:
             )
         if not isinstance(self.head, Head):
             raise ReparamError(f"{func}: head must be a reparam.Head; got {type(self.head)}")
-        if self.layout not in ("official", "timm"):
-            raise ReparamError(f"{func}: layout must be 'official' or 'timm'; got {self.layout!r}")
+        if not isinstance(self.layout, str) or not self.layout:
+            raise ReparamError(
+                f"{func}: layout must be the name of a network layout (e.g. 'official'); got "
+                f"{self.layout!r}"
+            )
         dtypes = {a.dtype for _, block in blocks for a in block.arrays}
         dtypes |= {self.head.weight.dtype, self.head.bias.dtype}
         if len(dtypes) != 1:
@@ -566,6 +776,15 @@ class RepVGG:
         return "train" if isinstance(self.blocks[0][1], TrainBlock) else "deploy"
 
     @property
+    def family(self) -> str | None:
+        """The published block class of the train form (``"RepVGGBlock"``, ``"QARepVGGBlock"``).
+
+        None for a deploy form (folded convolutions) or blocks of several families.
+        """
+        families = {block.family for _, block in self.blocks if isinstance(block, TrainBlock)}
+        return families.pop() if len(families) == 1 else None
+
+    @property
     def dtype(self) -> np.dtype[Any]:
         """float32 or float64."""
         return self.head.weight.dtype
@@ -600,12 +819,15 @@ class RepVGG:
             Input size.
         form : {"train", "deploy"}, optional
             The model's own form by default. A train model can also report
-            what its deploy form will cost (same kernel shapes as the 3x3
-            branch).
+            what its deploy form will cost (each block folded to count its
+            convolution).
 
         Returns
         -------
         int
+            The train form counts every branch of every tree
+            (:func:`reparam.core.algebra.multiply_adds`), the deploy form one
+            convolution per block, both plus the head's weights.
         """
         func = "RepVGG.multiply_adds"
         height = positive_int(height, func=func, name="height")
@@ -614,41 +836,38 @@ class RepVGG:
         if form == "train" and self.form == "deploy":
             raise ReparamError(f"{func}: a deploy model has no train form to count")
         total = 0
-        for _, block in self.blocks:
-            kernel = block.kernel if isinstance(block, DeployBlock) else block.dense_kernel
-            size = kernel.shape[2]
-            height = conv_output_size(
-                height, size, stride=block.stride, padding=size // 2, dilation=1
-            )
-            width = conv_output_size(
-                width, size, stride=block.stride, padding=size // 2, dilation=1
-            )
-            taps = kernel.size
-            if (
-                form == "train"
-                and isinstance(block, TrainBlock)
-                and block.pointwise_kernel is not None
-            ):
-                taps += block.pointwise_kernel.size
-            total += taps * height * width
+        for name, block in self.blocks:
+            try:
+                counted = block.reparameterize() if form == "deploy" else block
+                total += counted.multiply_adds(height, width)
+                height, width = counted.output_size(height, width)
+            except ReparamError as exc:
+                raise _located(name, block, exc) from None
         return total + self.head.weight.size
 
     # ---- computation
 
     @functools.cached_property
     def _fast_stack(self) -> DeployStack | None:
-        """The fast deploy path, built on first use; None where it does not apply."""
+        """The fast deploy path, built on first use; None where the engine does not take it.
+
+        The engine runs centred convolutions (:class:`reparam.engine.DeployStack`
+        says which kernels and strides); a block padded otherwise runs on the
+        reference path.
+        """
         blocks = [block for _, block in self.blocks]
         if not all(
             isinstance(block, DeployBlock)
-            and block.kernel.shape[2:] == (3, 3)
-            and block.stride in (1, 2)
+            and block.padding == centred_padding(block.kernel.shape[2])
             for block in blocks
         ):
             return None
         from ..engine.stack import DeployStack  # the engine loads on first fast call
 
-        return DeployStack(blocks)
+        try:
+            return DeployStack(blocks)
+        except ReparamError:  # a layer the engine does not take: the reference path
+            return None
 
     def features(self, x: npt.ArrayLike, *, fast: bool = True) -> FloatArray:
         """Run the blocks and global average pooling.
