@@ -401,7 +401,7 @@ def test_malicious_pth_is_refused_without_torchs_advice(tmp_path: Path) -> None:
 def test_info_hint_names_an_option_info_has(tmp_path: Path) -> None:
     path = tmp_path / "other.npz"
     np.savez(path, **{"features.0.weight": np.ones((2, 1, 3, 3), np.float32)})
-    line = _error(_cli("info", path), f"load: {path}: the keys match neither", "--layout")
+    line = _error(_cli("info", path), f"load: {path}: the keys match no network layout", "--layout")
     assert "layout=" not in line.split("--layout")[0], f"the option comes first:\n{line}"
     result = _cli("info", path, "--layout", "timm")
     _error(result, "unexpected key features.0.weight")
@@ -540,7 +540,7 @@ def no_array_reads(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_zip_bomb_with_foreign_names_is_refused_by_name(tmp_path: Path) -> None:
     path = tmp_path / "bomb.npz"
     _zip_bomb(path, "payload.npy", 16 * 2**20)
-    with pytest.raises(ReparamError, match="the keys match neither"):
+    with pytest.raises(ReparamError, match="the keys match no network layout"):
         reparam.load(path)
 
 
@@ -571,7 +571,7 @@ def test_npz_member_whose_header_lies_about_its_size(tmp_path: Path) -> None:
 def test_zip_bomb_from_the_command_line(tmp_path: Path) -> None:
     path = tmp_path / "bomb.npz"
     _zip_bomb(path, "payload.npy", 8 * 2**20)
-    _error(_cli("info", path), f"load: {path}: the keys match neither")
+    _error(_cli("info", path), f"load: {path}: the keys match no network layout")
 
 
 # ------------------------------------------------------------------- property: one short line

@@ -112,7 +112,7 @@ def test_key_names_official_and_timm() -> None:
 def test_layout_detection() -> None:
     assert detect_layout(["stage0.rbr_dense.conv.weight"]) == "official", "official"
     assert detect_layout(["stages.0.0.conv_kxk.conv.weight", "head.fc.weight"]) == "timm", "timm"
-    with pytest.raises(ReparamError, match="neither"):
+    with pytest.raises(ReparamError, match="no network layout"):
         detect_layout(["features.0.weight"])
     with pytest.raises(ReparamError, match="both"):
         detect_layout(["stage0.rbr_dense.conv.weight", "head.fc.weight"])

@@ -291,19 +291,19 @@ def detect_layout(keys: Iterable[Any], *, func: str = "detect_layout") -> Layout
     others = [name for name in found if claims[name] - claims[best or name]]
     if best is not None and not others:
         return best
-    layouts = [NETWORK_LAYOUTS[name] for name in NETWORK_LAYOUTS]
     if best is not None:
-        both = [NETWORK_LAYOUTS[best], NETWORK_LAYOUTS[others[0]]]
-        problem = f"both the {both[0].name} ({both[0].example}) and the {both[1].name} " + (
-            f"({both[1].example})"
+        first, second = NETWORK_LAYOUTS[best], NETWORK_LAYOUTS[others[0]]
+        problem = (
+            f"both the {first.name} ({first.example}) and the {second.name} ({second.example}) "
+            "layout"
         )
-        hint = f"hint: --layout {'|'.join(NETWORK_LAYOUTS)} chooses one"
+        hint = f"hint: --layout {first.name}|{second.name} chooses one"
     else:
-        described = [f"the {layout.name} ({layout.example})" for layout in layouts]
-        problem = f"neither {', '.join(described[:-1])} nor {described[-1]}"
-        hint = f"hint: not a RepVGG? --layout {'|'.join(NETWORK_LAYOUTS)} forces a layout"
+        examples = ", ".join(f"{name} {layout.example}" for name, layout in NETWORK_LAYOUTS.items())
+        problem = f"no network layout ({examples})"
+        hint = "hint: not a RepVGG? --layout forces one"
     sample = ", ".join(shown(key, 30) for key in names[:2])
     more = ", ..." if len(names) > 2 else ""
     count = f"{len(names)} key{'s' if len(names) != 1 else ''}"
     got = f"{sample}{more} ({count})" if names else "no keys"
-    raise ReparamError(f"{func}: the keys match {problem} layout; got {got}; {hint}")
+    raise ReparamError(f"{func}: the keys match {problem}; got {got}; {hint}")
