@@ -53,8 +53,8 @@ and one BN follows the sum. It writes
 ``reparam/data/digits_qarepvgg.npz`` (float32) with YOLOv6's ``QARepVGGBlock`` keys per block:
 ``rbr_dense.conv.weight``, ``rbr_dense.bn.*``, ``rbr_1x1.weight`` and ``bn.*``, and the same
 ``linear.*``; the held-out split is checked against the shipped ``digits_test.npz`` instead of
-being written. ``reparam.analysis.load_network`` reads it (each block through
-``reparam.families``' ``QARepVGGBlock``, which folds it into one conv).
+being written. ``reparam.load`` reads it as a network of the ``qarepvgg`` layout (each block
+through ``reparam.families``' ``QARepVGGBlock``, whose tree folds into one conv).
 """
 
 from __future__ import annotations

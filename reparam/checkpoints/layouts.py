@@ -227,13 +227,15 @@ def block_key(name: str, branch: str, leaf: str, layout: Layout) -> str:
     """
     chosen = network_layout(layout, func="block_key")
     if branch != "reparam":
-        raise ReparamError(f"block_key: expected branch 'reparam' (the folded conv); got {branch!r}")
+        raise ReparamError(
+            f"block_key: expected branch 'reparam' (the folded conv); got {branch!r}"
+        )
     suffix = "weight" if leaf == "kernel" else leaf
     return f"{chosen.prefix(name, func='block_key')}.{chosen.deploy_prefix}.{suffix}"
 
 
 def _claims(layout: NetworkLayout, keys: list[str], families: dict[str, str]) -> set[str]:
-    """The keys ``layout`` explains: its head, and block keys of its family at its positions.
+    """Return the keys ``layout`` explains: its head, and its family's block keys at its places.
 
     ``families`` maps the train-form block prefixes the walker recognises to their
     families; a block it recognises as another family's is not this layout's.

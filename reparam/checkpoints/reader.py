@@ -1,7 +1,8 @@
 """Read any checkpoint: a whole network when its keys are one, else blocks for the walker.
 
 The commands take any checkpoint. When its keys are a network in a
-registered layout (:mod:`reparam.checkpoints.layouts`), it is read as a :class:`~reparam.RepVGG` (the
+registered layout (:mod:`reparam.checkpoints.layouts`), it is read as a
+:class:`~reparam.RepVGG` (the
 architecture, the head and the chaining of blocks are checked, and it can be
 run); otherwise it must hold blocks of a registered family, which
 :mod:`reparam.checkpoints.walker` finds. Key names are checked before any

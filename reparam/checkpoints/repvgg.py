@@ -131,13 +131,13 @@ def _model_dtype(values: Any) -> np.dtype[Any]:
 
 
 def _as_dtype(value: Any, dtype: np.dtype[Any]) -> Any:
-    """A floating tensor in the model's dtype; anything else as it is (the family refuses it)."""
+    """Return a floating tensor in the model's dtype, anything else as it is (for the family)."""
     array = np.asarray(value)
     return array.astype(dtype, copy=False) if np.issubdtype(array.dtype, np.floating) else value
 
 
 def _stated_stride(prefix: str, strides: Mapping[str, int] | None) -> int | None:
-    """The stride ``strides`` states for a block prefix (``fnmatch`` patterns allowed)."""
+    """Return the stride ``strides`` states for a block prefix (``fnmatch`` patterns allowed)."""
     for pattern, stride in (strides or {}).items():
         if pattern == prefix or fnmatch.fnmatchcase(prefix, pattern):
             return int(stride)
@@ -182,7 +182,9 @@ def _read_block(
             f"({', '.join(train)})"
         )
         return _Read(None, None)
-    state = {key_layout.published(key): _as_dtype(value, context.dtype) for key, value in local.items()}
+    state = {
+        key_layout.published(key): _as_dtype(value, context.dtype) for key, value in local.items()
+    }
     main = f"{layout.deploy_prefix}.weight" if deploy else key_layout.published(key_layout.marker)
     shape = tuple(np.shape(state[main])) if main in state else ()
     expected = "(C_out, C_in // groups, K, K) with K odd"
@@ -265,7 +267,9 @@ def _read_deploy(
     stride = _stated_stride(prefix, context.strides)
     if stride is None:
         stride = 2 if prefix == layout.stem or _first_of_stage(prefix, context) else 1
-    reader = StateReader(f"{prefix}.{layout.deploy_prefix}", state, eps=context.eps, key_names=named)
+    reader = StateReader(
+        f"{prefix}.{layout.deploy_prefix}", state, eps=context.eps, key_names=named
+    )
     kernel = reader.array(f"{layout.deploy_prefix}.weight", shape)
     bias = reader.array(f"{layout.deploy_prefix}.bias", shape[:1])
     after = [

@@ -65,8 +65,10 @@ def repvgg_block_tree(reader: StateReader, config: Config) -> Node:
         weight = reader.array("rbr_1x1.conv.weight", (out_channels, per_group, 1, 1))
         small = (weight, reader.bn("rbr_1x1.bn", out_channels))
     identity = None  # only where it can exist, and only when some of its keys are there
-    if in_channels == out_channels and stride == 1 and any(
-        reader.has(f"rbr_identity.{key}") for key in _BN_KEYS
+    if (
+        in_channels == out_channels
+        and stride == 1
+        and any(reader.has(f"rbr_identity.{key}") for key in _BN_KEYS)
     ):
         identity = reader.bn("rbr_identity", out_channels)
     return repvgg_tree(

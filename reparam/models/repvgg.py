@@ -72,7 +72,7 @@ _KERNEL_SIZES = (3, 1)
 
 
 def tree_leaves(node: Node) -> Iterator[Node]:
-    """The leaves of a tree, first branch (first step) first."""
+    """Iterate over the leaves of a tree, first branch (first step) first."""
     if isinstance(node, Parallel):
         for branch in node.branches:
             yield from tree_leaves(branch)
@@ -84,7 +84,7 @@ def tree_leaves(node: Node) -> Iterator[Node]:
 
 
 def _map_leaves(node: Node, change: Callable[[Node], Node]) -> Node:
-    """The same tree with every leaf replaced by ``change(leaf)``, in :func:`_leaves` order."""
+    """Return the tree with every leaf replaced by ``change(leaf)`` (in ``tree_leaves`` order)."""
     if isinstance(node, Parallel):
         return Parallel(*(_map_leaves(branch, change) for branch in node.branches), name=node.name)
     if isinstance(node, Sequential):
@@ -256,7 +256,14 @@ class TrainBlock:
 
     def _set(self, tree: Node, stride: int, groups: int, family: str, *, func: str) -> None:
         try:  # the algebra checks that the branches agree: walk the tree on a small input
-            extent = max((max(leaf.kernel.shape[2:]) for leaf in tree_leaves(tree) if isinstance(leaf, Conv)), default=1)
+            extent = max(
+                (
+                    max(leaf.kernel.shape[2:])
+                    for leaf in tree_leaves(tree)
+                    if isinstance(leaf, Conv)
+                ),
+                default=1,
+            )
             output_size(tree, 2 * extent, 2 * extent)
         except ReparamError as exc:
             raise exc.located(func) from None
@@ -327,7 +334,7 @@ class TrainBlock:
 
     @property
     def num_parameters(self) -> int:
-        """Kernel sizes plus BatchNorm gamma and beta (:func:`reparam.core.algebra.num_parameters`)."""
+        """Kernels, biases, BatchNorm gamma and beta (the algebra's ``num_parameters``)."""
         return num_parameters(self.tree)
 
     def multiply_adds(self, height: int, width: int) -> int:
@@ -335,7 +342,7 @@ class TrainBlock:
         return multiply_adds(self.tree, height, width)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        """The output's ``(height, width)`` for an input of ``height x width``."""
+        """Return the output's ``(height, width)`` for an input of ``height x width``."""
         return output_size(self.tree, height, width)
 
     def __call__(self, x: FloatArray) -> FloatArray:
@@ -361,7 +368,9 @@ class TrainBlock:
         """Return a copy with every array in ``dtype``."""
         resolved: np.dtype[Any] = np.dtype(dtype)
         tree = _map_leaves(self.tree, lambda leaf: _cast(leaf, resolved))
-        return TrainBlock.from_tree(tree, stride=self.stride, groups=self.groups, family=self.family)
+        return TrainBlock.from_tree(
+            tree, stride=self.stride, groups=self.groups, family=self.family
+        )
 
     def __repr__(self) -> str:
         spec = self.spec
@@ -420,9 +429,11 @@ class DeployBlock:
                     f"{height}x{width}, expected KxK with K odd (e.g. 3x3), or give padding="
                 )
             padding = centred_padding(height)
-        elif isinstance(self.padding, (bool, np.bool_)) or not isinstance(
-            self.padding, (int, np.integer)
-        ) or self.padding < 0:
+        elif (
+            isinstance(self.padding, (bool, np.bool_))
+            or not isinstance(self.padding, (int, np.integer))
+            or self.padding < 0
+        ):
             raise ReparamError(f"{func}: padding must be an integer >= 0; got {self.padding!r}")
         else:
             padding = int(self.padding)
@@ -449,7 +460,7 @@ class DeployBlock:
         return int(self.kernel.size + self.bias.size)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        """The output's ``(height, width)`` for an input of ``height x width``."""
+        """Return the output's ``(height, width)`` for an input of ``height x width``."""
         size_h, size_w = self.kernel.shape[2:]
         return (
             conv_output_size(height, size_h, stride=self.stride, padding=self.padding),
@@ -525,7 +536,7 @@ class Head:
 
 
 def _located(name: str, block: Block, exc: ReparamError) -> ReparamError:
-    """The model's boundary: a block's error, named once by the block."""
+    """Name the block in its error, once: the model is the boundary."""
     return exc.located(f"{name} (stride {block.stride}, groups {block.groups})")
 
 
@@ -554,7 +565,7 @@ def _he_normal(
 
 
 def _randomised(leaf: Node, rng: np.random.Generator, dtype: np.dtype[Any]) -> Node:
-    """A leaf of a block's tree with random weights (a conv's fan-in from its own kernel)."""
+    """Return a leaf with random weights (a conv's fan-in from its own kernel)."""
     if isinstance(leaf, Conv):
         fan_in = int(np.prod(leaf.kernel.shape[1:]))
         return _with_arrays(leaf, _he_normal(rng, leaf.kernel.shape, fan_in, dtype), None)
@@ -564,7 +575,7 @@ def _randomised(leaf: Node, rng: np.random.Generator, dtype: np.dtype[Any]) -> N
 
 
 def _random_block(rng: np.random.Generator, spec: BlockSpec, dtype: np.dtype[Any]) -> TrainBlock:
-    """RepVGG's block for ``spec`` (3x3 and 1x1 branches), every leaf of its tree drawn at random."""
+    """Build RepVGG's block for ``spec`` (3x3, 1x1), each leaf of its tree drawn at random."""
     per_group = spec.in_channels // spec.groups
     unit = BatchNorm(*np.ones((4, spec.out_channels), dtype=dtype))
     dense, small = _KERNEL_SIZES
@@ -578,7 +589,9 @@ def _random_block(rng: np.random.Generator, spec: BlockSpec, dtype: np.dtype[Any
         spec.groups,
     )
     tree = _map_leaves(template.tree, lambda leaf: _randomised(leaf, rng, dtype))
-    return TrainBlock.from_tree(tree, stride=spec.stride, groups=spec.groups, family=template.family)
+    return TrainBlock.from_tree(
+        tree, stride=spec.stride, groups=spec.groups, family=template.family
+    )
 
 
 def _model_dtype(dtype: npt.DTypeLike, *, func: str) -> np.dtype[Any]:
