@@ -389,3 +389,17 @@ def test_pad_kernel_accepts_exactly_centrable_sizes(size: int, extra: int) -> No
     else:
         padded = pad_kernel(kernel, target)
         assert padded.shape == (1, 1, target, target), f"padded to {padded.shape}"
+
+
+def test_errors_are_located_once_by_the_innermost_node() -> None:
+    """evaluate names the node that failed, once, and says so in ``location`` (no text parsing)."""
+    from reparam.core.algebra import Conv, Parallel, Sequential, evaluate
+
+    tree = Sequential(Parallel(Conv(np.ones((2, 3, 3, 3)), name="inner"), name="sum"), name="outer")
+    with pytest.raises(ReparamError) as info:
+        evaluate(tree, np.ones((1, 3, 1, 1)))  # a 3x3 window on a 1x1 image without padding
+    assert info.value.location == "in Conv 'inner'", info.value.location
+    assert str(info.value).startswith("in Conv 'inner': "), str(info.value)
+    assert "'sum'" not in str(info.value) and "'outer'" not in str(info.value), str(info.value)
+    again = info.value.located("stage0")
+    assert str(again) == f"stage0: {info.value}" and again.location == "stage0"

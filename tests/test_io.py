@@ -426,3 +426,107 @@ def test_structure_is_inferred_from_the_tensors(
     loaded = from_state_dict(to_state_dict(model, layout=layout))  # type: ignore[arg-type]
     assert loaded.specs == specs, f"inferred {loaded.specs}, built {specs}"
     assert loaded.form == model.form and loaded.layout == layout, f"got {loaded}"
+
+
+# ------------------------------------------------------------------- one reader, every layout
+
+
+def _qarepvgg_path() -> str:
+    from importlib import resources
+
+    return str(resources.files("reparam").joinpath("data", "digits_qarepvgg.npz"))
+
+
+def test_qarepvgg_network_is_read_by_the_same_reader(tmp_path: Path) -> None:
+    """YOLOv6's QARepVGGBlock keys in RepVGG's network: a train model of the family's trees."""
+    model = reparam.load(_qarepvgg_path())
+    assert (model.layout, model.family, model.form) == ("qarepvgg", "QARepVGGBlock", "train")
+    stored = dict(np.load(_qarepvgg_path()))
+    written = to_state_dict(model)
+    assert list(written) == list(stored), "the trees name every tensor as the file does"
+    for key, array in stored.items():
+        np.testing.assert_array_equal(written[key], array, err_msg=key)
+    block = dict(model.blocks)["stage1.1"]
+    assert isinstance(block, TrainBlock) and block.pointwise_bn is None, "a bare 1x1 conv"
+    # each block folds as the family folds it (the post-sum bn included)
+    state = {k.removeprefix("stage1.1."): v for k, v in stored.items() if k.startswith("stage1.1.")}
+    family = reparam.families.from_state_dict(
+        "QARepVGGBlock", state, in_channels=32, out_channels=32, stride=1, groups=1
+    ).reparameterize()
+    deploy = block.reparameterize()
+    np.testing.assert_array_equal(deploy.kernel, family.kernel, err_msg="kernel")
+    np.testing.assert_array_equal(deploy.bias, family.bias, err_msg="bias")
+    path = tmp_path / "qa.safetensors"
+    reparam.save(model, path)
+    _same_weights(model, reparam.load(path), "QARepVGG round trip")
+
+
+def test_a_layout_names_one_family(tmp_path: Path) -> None:
+    qa = reparam.load(_qarepvgg_path())
+    with pytest.raises(ReparamError, match=r"to_state_dict: block stage0 is a QARepVGGBlock; the "):
+        to_state_dict(qa, layout="official")
+    assert "stage0.rbr_reparam.weight" in to_state_dict(qa.reparameterize(), layout="official")
+    with pytest.raises(ReparamError, match=r"save: block name 'first' has no key"):
+        reparam.save(RepVGG.from_specs([("first", BlockSpec(3, 4, 2, 1))]), tmp_path / "x.npz")
+    assert list(tmp_path.iterdir()) == [], "nothing is written"
+
+
+def test_a_new_network_layout_is_one_registry_entry() -> None:
+    """QARepVGG blocks under timm's network names: one entry, then detected, read and written."""
+    entry = rio.NetworkLayout(
+        "qa-timm", "QARepVGGBlock", "official", "stem", "stages.{s}.{i}", 0, "head.fc"
+    )
+    qa = reparam.load(_qarepvgg_path())
+    rio.register_network_layout(entry)
+    try:
+        tensors = to_state_dict(qa, layout="qa-timm")
+        assert {"stem.rbr_1x1.weight", "stages.1.1.bn.running_var", "head.fc.bias"} <= set(
+            tensors
+        ), sorted(tensors)[:6]
+        assert detect_layout(tensors) == "qa-timm", "detected from the keys"
+        loaded = from_state_dict(tensors)
+        assert loaded.layout == "qa-timm" and loaded.specs == qa.specs, f"got {loaded}"
+        _same_weights(qa, loaded, "the new layout")
+        with pytest.raises(ReparamError, match="'qa-timm' is registered already"):
+            rio.register_network_layout(entry)
+    finally:
+        del rio.NETWORK_LAYOUTS["qa-timm"]
+
+
+def test_published_deploy_form_that_keeps_its_bn_is_folded() -> None:
+    """YOLOv6's deploy QARepVGG keeps bn after rbr_reparam: the reader folds it in."""
+    qa = reparam.load(_qarepvgg_path()).astype(np.float64)
+    tensors: dict[str, Any] = {"linear.weight": qa.head.weight, "linear.bias": qa.head.bias}
+    for name, block in qa.blocks:
+        assert isinstance(block, TrainBlock) and isinstance(
+            block.tree, reparam.core.algebra.Sequential
+        )
+        branches, norm = block.tree.steps
+        assert isinstance(norm, reparam.core.algebra.Norm), "the post-sum bn"
+        kernel, bias = reparam.core.algebra.fold(branches)
+        tensors |= {f"{name}.rbr_reparam.weight": kernel, f"{name}.rbr_reparam.bias": bias}
+        bn = norm.bn
+        arrays = (bn.gamma, bn.beta, bn.mean, bn.var)
+        tensors |= {f"{name}.bn.{k}": v for k, v in zip(_BN, arrays, strict=True)}
+    loaded = from_state_dict(tensors)
+    assert loaded.form == "deploy" and loaded.layout == "qarepvgg", f"got {loaded}"
+    x = np.random.default_rng(3).standard_normal((2, 1, 16, 16))
+    assert_close(loaded(x), qa(x), dtype=np.float64, what="deploy with kept bn vs train form")
+
+
+_BN = ("weight", "bias", "running_mean", "running_var")
+
+
+def test_deploy_blocks_keep_their_padding() -> None:
+    """The padding is the block's: K // 2 by default, another one runs as given."""
+    model = _tiny(np.float64)
+    deploy = model.reparameterize()
+    assert all(block.padding == 1 for _, block in deploy.blocks), "3x3: padding 1"
+    kernel, bias = np.ones((2, 3, 3, 3)), np.zeros(2)
+    valid = reparam.DeployBlock(kernel, bias, padding=0)
+    assert valid(np.ones((1, 3, 5, 5))).shape == (1, 2, 3, 3), "padding 0: 5 -> 3"
+    net = RepVGG((("stage0", valid),), reparam.Head(np.ones((1, 2)), np.zeros(1)))
+    assert net._fast_stack is None, "the engine runs centred 3x3 convs only"
+    assert net.multiply_adds(5, 5) == 54 * 9 + 2, "counted with its own padding"
+    with pytest.raises(ReparamError, match="padding must be an integer >= 0"):
+        reparam.DeployBlock(kernel, bias, padding=-1)
