@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -229,7 +229,7 @@ def _read_train(
     groups: int,
     prefix: str,
     context: _Context,
-    named: Any,
+    named: Callable[[str], str],
 ) -> TrainBlock:
     """Read a train-form block through its family; the stride from the tensors, else the rule."""
     family = FAMILIES[context.layout.family]
@@ -260,7 +260,7 @@ def _read_deploy(
     prefix: str,
     kept: tuple[str, ...],
     context: _Context,
-    named: Any,
+    named: Callable[[str], str],
 ) -> DeployBlock:
     """Read a deploy block's conv (and fold in what the published deploy form keeps after it)."""
     layout = context.layout

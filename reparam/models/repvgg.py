@@ -92,9 +92,8 @@ def _map_leaves(node: Node, change: Callable[[Node], Node]) -> Node:
     return change(node)
 
 
-def _with_arrays(leaf: Node, kernel: FloatArray, bias: FloatArray | None) -> Conv:
-    """``leaf`` (a Conv) with other arrays and the same geometry and name."""
-    assert isinstance(leaf, Conv)
+def _with_arrays(leaf: Conv, kernel: FloatArray, bias: FloatArray | None) -> Conv:
+    """Return ``leaf`` with other arrays, the same geometry and name."""
     return Conv(
         kernel,
         bias,
