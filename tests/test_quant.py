@@ -23,8 +23,6 @@ from reparam.analysis import load_network
 from reparam.analysis.quant import (
     FINE_DB,
     ActivationQuant,
-    _activation_quant,
-    _requantize,
     calibrate,
     qparams_from_onnx,
     report,
@@ -32,6 +30,7 @@ from reparam.analysis.quant import (
     sqnr_db,
     weight_stats,
 )
+from reparam.analysis.quant.scheme import activation_quant, requantize
 from reparam.cli import main
 from reparam.export.onnx import export_onnx
 
@@ -231,18 +230,18 @@ def _tiny(seed: int = 0) -> RepVGG:
 
 
 def test_activation_range_includes_zero_and_uses_255_steps() -> None:
-    found = _activation_quant(-1.0, 2.0)
+    found = activation_quant(-1.0, 2.0)
     assert found.scale == float(np.float32(3.0 / 255)), found
     assert found.zero_point == round(-128 + 1.0 / (3.0 / 255)) == -43, found
-    after_relu = _activation_quant(0.5, 2.0)  # widened to [0, 2]: the zero point clamps
+    after_relu = activation_quant(0.5, 2.0)  # widened to [0, 2]: the zero point clamps
     assert after_relu == ActivationQuant(float(np.float32(2.0 / 255)), -128), after_relu
-    assert _activation_quant(0.0, 0.0) == ActivationQuant(1.0, 0), "an empty range"
+    assert activation_quant(0.0, 0.0) == ActivationQuant(1.0, 0), "an empty range"
 
 
 def test_requantization_rounds_half_to_even() -> None:
     quant = ActivationQuant(1.0, 0)
     accumulator = np.array([1.0, 3.0, 5.0, -1.0, -3.0, 300.0, -300.0])
-    found = _requantize(accumulator, np.array([0.5], dtype=np.float32), quant)
+    found = requantize(accumulator, np.array([0.5], dtype=np.float32), quant)
     np.testing.assert_array_equal(found, [0, 2, 2, -0, -2, 127, -128])
 
 
