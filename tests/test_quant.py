@@ -23,7 +23,10 @@ from reparam.analysis import load_network
 from reparam.analysis.quant import (
     FINE_DB,
     ActivationQuant,
+    Chain,
+    ChainConv,
     calibrate,
+    chain_of,
     qparams_from_onnx,
     report,
     simulate,
@@ -353,6 +356,51 @@ def test_qarepvgg_attribution_and_folding() -> None:
     assert accuracy >= 0.99, f"the shipped QARepVGG digits model scores {accuracy:.2%}"
 
 
+def _one_conv_chain(tree: Any) -> Chain:
+    """A chain of one block given by its tree (its fold, cast to float32), and a 2-class head."""
+    conv = reparam.core.algebra.fold(tree).astype(np.float32)
+    head = np.ones((2, conv.out_channels), np.float32)
+    return Chain((ChainConv("block", conv, tree, "block"),), head, np.zeros(2, np.float32))
+
+
+def test_attribution_through_the_tree_by_hand() -> None:
+    """Each branch's share at a channel's largest tap, where a post-sum scale follows the sum."""
+    algebra = reparam.core.algebra
+    c = 2
+    dense = np.full((c, c, 3, 3), 0.01)
+    dense[[0, 1], [0, 1], 1, 1] = 0.5
+    pointwise = np.zeros((c, c, 1, 1))
+    pointwise[[0, 1], [0, 1], 0, 0] = 1.5
+    tree = algebra.Sequential(
+        algebra.Parallel(
+            algebra.Conv(dense, padding=1), algebra.Conv(pointwise), algebra.Identity(c)
+        ),
+        algebra.Scale(np.array([2.0, -3.0])),  # the channel's sign and scale apply to all
+    )
+    stats = weight_stats(_one_conv_chain(tree))[0]
+    assert stats.branches == ("3x3", "1x1", "identity"), stats.branches
+    # centre tap of channel o: 0.5 + 1.5 + 1 = 3 before the scale; shares 1/6, 1/2, 1/3
+    np.testing.assert_allclose(stats.shares, [[1 / 6, 1 / 2, 1 / 3]] * 2, rtol=1e-6)
+    np.testing.assert_allclose(stats.channel_max, [6.0, 9.0], rtol=1e-6)
+
+
+def test_branches_are_named_by_their_maps() -> None:
+    algebra = reparam.core.algebra
+    rng = np.random.default_rng(0)
+    tree = algebra.Parallel(
+        algebra.Sequential(
+            algebra.Conv(rng.standard_normal((2, 2, 1, 1))),
+            algebra.Conv(rng.standard_normal((2, 2, 3, 3)), padding=1),
+        ),
+        algebra.Conv(rng.standard_normal((2, 2, 3, 3)), padding=1),
+        algebra.Conv(rng.standard_normal((2, 2, 3, 3)), padding=1),
+        algebra.AvgPool(2, 3, stride=1, padding=1),
+    )
+    stats = weight_stats(_one_conv_chain(tree))[0]
+    assert stats.branches == ("1x1-3x3", "3x3", "3x3'", "avg pool"), stats.branches
+    np.testing.assert_allclose(stats.shares.sum(axis=1), 1.0, rtol=1e-12)
+
+
 # ------------------------------------------------------------------- the report
 
 
@@ -425,6 +473,16 @@ def test_verdicts_say_which_part_is_to_blame() -> None:
     assert layer.verdict == "per-channel weights fix this layer", layer.verdict
 
 
+def test_report_calls_progress_once_per_layer_and_chunk() -> None:
+    model = _tiny()
+    x = np.random.default_rng(7).standard_normal((40, 3, 8, 8)).astype(np.float32)
+    calls: list[tuple[int, int, str]] = []
+    report(model, x, progress=lambda done, total, layer: calls.append((done, total, layer)))
+    layers = ["stage0", "stage1.0", "stage1.1", "head"]
+    expected = [(i + 1, 8, layer) for i, layer in enumerate(layers * 2)]  # 40 images: 2 chunks
+    assert calls == expected, calls
+
+
 # ------------------------------------------------------------------- refusals
 
 
@@ -484,6 +542,17 @@ def test_an_unquantizable_layer_is_named() -> None:
     simulate(model, x, calibration=x)  # per tensor it fits
     message = _message(lambda: simulate(model, x, calibration=x, per_channel=True))
     assert "stage0" in message and "channel 1" in message and "int32" in message, message
+
+
+def test_a_chain_that_does_not_hold_together_is_refused(tmp_path: Path) -> None:
+    chain = chain_of(_tiny())
+    x = np.zeros((8, 3, 8, 8), np.float32)
+    swapped = Chain((chain.convs[1], chain.convs[0]), chain.head_weight, chain.head_bias)
+    assert "do not chain" in _message(lambda: calibrate(swapped, x))
+    wide = chain.convs[0]._replace(conv=chain.convs[0].conv.astype(np.float64))
+    float64 = Chain((wide, *chain.convs[1:]), chain.head_weight, chain.head_bias)
+    assert "float32" in _message(lambda: simulate(float64, x, calibration=x))
+    assert "cannot read" in _message(lambda: qparams_from_onnx(tmp_path / "missing.onnx"))
 
 
 # ------------------------------------------------------------------- the command
@@ -562,6 +631,36 @@ def test_quant_report_png_without_matplotlib(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "matplotlib" in err[0], err  # before any work
     assert not (tmp_path / "r.png").exists()
+
+
+def test_quant_report_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A line per layer on stderr with --progress, or on a terminal; none otherwise."""
+    images, _ = _digits()
+    calibration = tmp_path / "x.npy"
+    np.save(calibration, images[:8])
+    args = ["quant-report", str(_bundled("digits_repvgg.npz")), "--calibration", str(calibration)]
+    layers = ["stage0", "stage1.0", "stage1.1", "stage2.0", "stage2.1", "head"]
+
+    def progress_lines() -> list[str]:
+        return [line for line in capsys.readouterr().err.splitlines() if "layer " in line]
+
+    assert main([*args, "--progress"]) == 0
+    assert progress_lines() == [f"  layer {i + 1}/6: {name}" for i, name in enumerate(layers)]
+    assert main(args) == 0
+    assert progress_lines() == [], "stderr is not a terminal here: no progress lines"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(args) == 0
+    assert len(progress_lines()) == 6, "on a terminal, progress is shown"
+
+
+def test_quant_report_checks_calibration_before_loading_the_model(tmp_path: Path) -> None:
+    calibration = tmp_path / "x.npy"
+    np.save(calibration, np.full((8, 1, 16, 16), np.nan, np.float32))
+    result = _cli("quant-report", tmp_path / "absent.npz", "--calibration", calibration)
+    assert result.returncode == 2, result
+    assert "non-finite" in result.stderr and "loading" not in result.stderr, result.stderr
 
 
 def test_reparam_quant_is_lazy() -> None:
