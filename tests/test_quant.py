@@ -36,6 +36,7 @@ from reparam.analysis.quant import (
 from reparam.analysis.quant.scheme import activation_quant, requantize
 from reparam.cli import main
 from reparam.export.onnx import export_onnx
+from reparam.graph import Graph, Op, read_graph
 
 ort = pytest.importorskip("onnxruntime")
 quantization = pytest.importorskip("onnxruntime.quantization")
@@ -137,6 +138,7 @@ def quantized(
         "calibration": calibration,
         "x": x,
         "path": int8,
+        "fp32_path": fp32,
         "per_channel": per_channel,
         "ort": session.run(None, {"input": x})[0],
         "fp32": model(x),
@@ -157,6 +159,9 @@ def test_with_onnxruntimes_parameters_the_simulation_is_its_output(
     assert ratio >= 1000, f"only {ratio:.3g}x closer to onnxruntime than FP32 (expected >= 1000)"
     # The arithmetic is the same, so it is in fact bit for bit:
     np.testing.assert_array_equal(sim, runtime, err_msg="simulation != onnxruntime, bit for bit")
+    graph, _ = read_graph(quantized["fp32_path"])  # the exported graph is the same chain
+    from_graph = simulate(graph, quantized["x"], qparams=qparams, per_channel=qparams.per_channel)
+    np.testing.assert_array_equal(from_graph, runtime, err_msg="the graph's simulation differs")
 
 
 def test_uint8_activations_are_simulated_too(tmp_path: Path) -> None:
@@ -404,6 +409,24 @@ def test_branches_are_named_by_their_maps() -> None:
 # ------------------------------------------------------------------- the report
 
 
+_CONV_ATTRS = {"stride": (1, 1), "pads": ((1, 1), (1, 1)), "groups": 1, "dilation": (1, 1)}
+
+
+def test_the_exported_graph_reads_as_the_models_chain(tmp_path: Path) -> None:
+    model = _tiny(seed=4)
+    x = np.random.default_rng(8).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    export_onnx(model, tmp_path / "model.onnx")
+    graph, _ = read_graph(tmp_path / "model.onnx")
+    chain = chain_of(graph)
+    assert chain.names == ("stage0", "stage1.0", "stage1.1"), chain.names
+    for ours, theirs in zip(chain.convs, chain_of(model).convs, strict=True):
+        np.testing.assert_array_equal(ours.conv.kernel, theirs.conv.kernel, err_msg=ours.name)
+        assert (ours.conv.stride, ours.conv.pads) == (theirs.conv.stride, theirs.conv.pads)
+    np.testing.assert_array_equal(
+        simulate(graph, x, calibration=x), simulate(model, x, calibration=x)
+    )
+
+
 def test_report_on_the_bundled_digits_models() -> None:
     images, _ = _digits()
     for path in ("digits_repvgg.npz", "digits_qarepvgg.npz"):
@@ -553,6 +576,16 @@ def test_a_chain_that_does_not_hold_together_is_refused(tmp_path: Path) -> None:
     float64 = Chain((wide, *chain.convs[1:]), chain.head_weight, chain.head_bias)
     assert "float32" in _message(lambda: simulate(float64, x, calibration=x))
     assert "cannot read" in _message(lambda: qparams_from_onnx(tmp_path / "missing.onnx"))
+
+
+def test_a_graph_that_is_not_a_chain_is_refused_naming_the_op() -> None:
+    ops = (
+        Op("stage0/Conv", "conv", ("x", "w"), ("y",), _CONV_ATTRS, "Conv"),
+        Op("act", "opaque", ("y",), ("z",), {}, "Sigmoid"),
+    )
+    graph = Graph(ops, ("x",), ("z",), {"w": np.ones((2, 3, 3, 3), np.float32)})
+    message = _message(lambda: weight_stats(graph))
+    assert "Sigmoid 'act' after Conv 'stage0/Conv', not a Relu" in message, message
 
 
 # ------------------------------------------------------------------- the command

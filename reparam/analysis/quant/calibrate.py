@@ -55,7 +55,7 @@ def check_images(
     Parameters
     ----------
     images : array_like, shape (N, C_in, H, W)
-    model : RepVGG, Network, Chain or None
+    model : RepVGG, Network, Graph, Chain or None
         Whose input channels the images must have; None checks everything
         else (so that images can be checked before a model is loaded).
     func, name : str
@@ -202,7 +202,7 @@ def calibrate(
 
     Parameters
     ----------
-    model : RepVGG, Network or Chain
+    model : RepVGG, Network, Graph or Chain
         Train or deploy form (a train form is fused first, then cast to
         float32 as ``reparam export`` writes it).
     calibration : array_like, shape (N, C_in, H, W)

@@ -24,6 +24,7 @@ from ...checkpoints.layouts import block_prefix
 from ...core.algebra import FoldedConv, Node
 from ...core.conv import centred_padding, conv2d
 from ...core.errors import ReparamError
+from ...graph.ir import Graph, Op
 from ...models.repvgg import DeployBlock, RepVGG, TrainBlock
 from ..networks import Network
 from .scheme import Float64Array
@@ -153,8 +154,8 @@ class Chain:
         return self.head(x.mean(axis=(2, 3)))
 
 
-#: What the analysis takes: a RepVGG (train or deploy form), a Network, or a Chain.
-Quantizable: TypeAlias = RepVGG | Network | Chain
+#: What the analysis takes: a RepVGG (train or deploy form), a Network, a graph, or a Chain.
+Quantizable: TypeAlias = RepVGG | Network | Graph | Chain
 
 
 def _shown(name: str, model: RepVGG) -> str:
@@ -196,6 +197,67 @@ def _from_network(network: Network) -> Chain:
         np.asarray(deploy.head.bias, dtype=np.float32),
         network.family,
     )
+
+
+_GRAPH_SHAPE = (
+    "expected a chain of Conv+Relu, then GlobalAveragePool, Flatten and Gemm (as reparam export "
+    "writes; a train-form graph is folded first with reparam.graph.fold_graph)"
+)
+
+
+def _from_graph(graph: Graph, *, func: str) -> Chain:
+    """Read a folded graph of plain convs (``Conv``, ``Relu``, ..., pool, ``Gemm``) into a chain."""
+    consumers = graph.consumers()
+
+    def fail(problem: str) -> ReparamError:
+        return ReparamError(f"{func}: the graph {problem}; {_GRAPH_SHAPE}")
+
+    def next_op(tensor: str) -> Op:
+        users = consumers.get(tensor, [])
+        if len(users) != 1:
+            raise fail(f"reads tensor {tensor!r} {len(users)} times")
+        return users[0]
+
+    def constant(op: Op, index: int) -> npt.NDArray[Any] | None:
+        name = op.inputs[index] if index < len(op.inputs) else ""
+        return None if not name else graph.constant(name)
+
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        raise fail(f"has {len(graph.inputs)} inputs and {len(graph.outputs)} outputs, not 1 and 1")
+    convs: list[ChainConv] = []
+    op = next_op(graph.inputs[0])
+    while op.kind == "conv":
+        kernel, bias = constant(op, 1), constant(op, 2)
+        if kernel is None:
+            raise fail(f"{op.shown} has no constant kernel")
+        if bias is None:
+            bias = np.zeros(kernel.shape[0])
+        attrs = op.attrs
+        conv = FoldedConv(
+            kernel.astype(np.float32),
+            bias.astype(np.float32),
+            attrs["stride"],
+            attrs["pads"],
+            attrs["groups"],
+            attrs["dilation"],
+        )
+        relu = next_op(op.outputs[0])
+        if relu.label != "Relu":
+            raise fail(f"has {relu.shown} after {op.shown}, not a Relu")
+        name = op.name.removesuffix("/Conv")
+        convs.append(ChainConv(name, conv, None, name))
+        op = next_op(relu.outputs[0])
+    if not convs or op.label != "GlobalAveragePool":
+        raise fail(f"has {op.shown} where a Conv or the GlobalAveragePool belongs")
+    op = next_op(op.outputs[0])
+    if op.label in ("Flatten", "Reshape"):
+        op = next_op(op.outputs[0])
+    weight, bias = (constant(op, 1), constant(op, 2)) if op.kind == "linear" else (None, None)
+    if weight is None or op.outputs[0] not in graph.outputs:
+        raise fail(f"has {op.shown} where the Gemm head, the graph's output, belongs")
+    if bias is None:
+        bias = np.zeros(weight.shape[0])
+    return Chain(tuple(convs), weight.astype(np.float32), bias.astype(np.float32), "graph")
 
 
 def _check(chain: Chain, *, func: str) -> Chain:
@@ -250,7 +312,8 @@ def _network(model: Any, *, func: str) -> Network:
         return Network(model, {}, "RepVGG")
     raise ReparamError(
         f"{func}: model must be a reparam.RepVGG (train or deploy form), a "
-        f"reparam.analysis.Network or a reparam.quant.Chain; got {type(model).__name__}"
+        f"reparam.analysis.Network, a reparam.graph.Graph or a reparam.quant.Chain; got "
+        f"{type(model).__name__}"
     )
 
 
@@ -259,10 +322,14 @@ def chain_of(model: Quantizable, *, func: str = "chain_of") -> Chain:
 
     Parameters
     ----------
-    model : RepVGG, Network or Chain
+    model : RepVGG, Network, Graph or Chain
         A RepVGG in train form (each block's tree is kept) or deploy form, a
-        :class:`~reparam.analysis.Network` (a deploy model and its trees), or
-        a chain (checked and returned).
+        :class:`~reparam.analysis.Network` (a deploy model and its trees), a
+        folded graph of plain convs (:func:`reparam.graph.read_graph` of what
+        ``reparam export`` writes, or :func:`reparam.graph.fold_graph` of a
+        train-form graph: ``Conv`` + ``Relu`` per block, then
+        ``GlobalAveragePool``, ``Flatten``, ``Gemm``; no trees), or a chain
+        (checked and returned).
     func : str, default "chain_of"
         What error messages start with.
 
@@ -275,8 +342,8 @@ def chain_of(model: Quantizable, *, func: str = "chain_of") -> Chain:
     Raises
     ------
     ReparamError
-        If ``model`` is none of these, or a kernel, bias or the head holds
-        non-finite values.
+        If ``model`` is none of these, a graph is not such a chain (naming the
+        op), or a kernel, bias or the head holds non-finite values.
 
     Examples
     --------
@@ -290,6 +357,8 @@ def chain_of(model: Quantizable, *, func: str = "chain_of") -> Chain:
     """
     if isinstance(model, Chain):
         return _check(model, func=func)
+    if isinstance(model, Graph):
+        return _check(_from_graph(model, func=func), func=func)
     network = _network(model, func=func)
     return _check(_from_network(network), func=func)
 
@@ -300,8 +369,10 @@ def in_channels_of(model: Quantizable, *, func: str = "in_channels_of") -> int:
     Raises
     ------
     ReparamError
-        If ``model`` is not a RepVGG, Network or Chain.
+        If ``model`` is not a RepVGG, Network, Graph or Chain.
     """
     if isinstance(model, Chain):
         return model.in_channels
+    if isinstance(model, Graph):
+        return chain_of(model, func=func).in_channels
     return _network(model, func=func).model.in_channels

@@ -89,7 +89,7 @@ def report(
 
     Parameters
     ----------
-    model : RepVGG, Network or Chain
+    model : RepVGG, Network, Graph or Chain
         Train or deploy form (the train form adds the branch attribution).
     calibration : array_like, shape (N, C_in, H, W)
         Images to calibrate on (as :func:`calibrate`); the SQNRs are measured

@@ -129,7 +129,7 @@ def simulate(
 
     Parameters
     ----------
-    model : RepVGG, Network or Chain
+    model : RepVGG, Network, Graph or Chain
         Train or deploy form; a train form is fused first.
     x : array_like, shape (N, C_in, H, W)
         Floating images (cast to float32, as the runtime is fed).

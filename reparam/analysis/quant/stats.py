@@ -262,7 +262,7 @@ def weight_stats(model: Quantizable) -> tuple[WeightStats, ...]:
 
     Parameters
     ----------
-    model : RepVGG, Network or Chain
+    model : RepVGG, Network, Graph or Chain
         A train form (or a Network with trees) also gives each channel's
         branch attribution.
 
