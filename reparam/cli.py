@@ -12,6 +12,7 @@ Commands::
     reparam export WEIGHTS MODEL.onnx [--layout L] [--arch NAME] [--opset N]
     reparam demo [--checkpoint PATH] [--data PATH]
     reparam quant-report WEIGHTS --calibration X.npy [--per-channel] [--json FILE] [--png FILE]
+                         [--progress]
 
 ``--layout`` says how the input's keys are read (detected by default);
 ``--to-layout`` names the keys ``convert`` writes (the input's by default).
@@ -583,13 +584,21 @@ def _quant_report_network(source: _Input, args: argparse.Namespace) -> int:
         quant.check_plotting(func=func)
     with _file_errors(args.calibration, "read"):
         calibration = read_array(args.calibration, func=func)
+    name = f"--calibration {shown_path(args.calibration)}"
+    images = quant.check_images(calibration, None, func=func, name=name)  # before the model loads
     _progress(f"loading {args.weights} ...")
     with _file_errors(args.weights, "read"):
         model = load(args.weights, layout=args.layout, arch=args.arch)
-    name = f"--calibration {shown_path(args.calibration)}"
-    images = quant.check_images(calibration, model, func=func, name=name)
+    images = quant.check_images(images, model, func=func, name=name)  # and its channels
     _progress(f"quantizing {len(model.blocks)} blocks on {len(images)} images ...")
-    found = quant.report(model, images, per_channel=args.per_channel)
+
+    def measured(done: int, total: int, layer: str) -> None:
+        _progress(f"  layer {done}/{total}: {layer}")
+
+    shown = args.progress or sys.stderr.isatty()
+    found = quant.report(
+        model, images, per_channel=args.per_channel, progress=measured if shown else None
+    )
     _out(found.table())
     for path, write in ((args.json, quant.write_json), (args.png, quant.plot_report)):
         if path is not None:
@@ -1127,6 +1136,11 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--per-channel", action="store_true", help="per-channel weight scales")
     report.add_argument("--json", help="also write the report as JSON")
     report.add_argument("--png", help="also draw the per-layer SQNRs (needs matplotlib)")
+    report.add_argument(
+        "--progress",
+        action="store_true",
+        help="a line on stderr per layer measured (the default when stderr is a terminal)",
+    )
     layout(report)
     arch(report)
     report.set_defaults(handler=_quant_report)

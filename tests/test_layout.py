@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "checkpoints": {"core", "families", "models"},
     "graph": {"core", "checkpoints"},  # checkpoints: write_atomic and message helpers
     "export": {"core", "models", "checkpoints"},
-    "analysis": {"core", "families", "models", "checkpoints", "export"},
+    "analysis": {"core", "families", "models", "checkpoints", "export", "graph"},
     "cli": {
         "core",
         "families",

@@ -23,17 +23,20 @@ from reparam.analysis import Network, as_network
 from reparam.analysis.quant import (
     FINE_DB,
     ActivationQuant,
-    _activation_quant,
-    _requantize,
+    Chain,
+    ChainConv,
     calibrate,
+    chain_of,
     qparams_from_onnx,
     report,
     simulate,
     sqnr_db,
     weight_stats,
 )
+from reparam.analysis.quant.scheme import activation_quant, requantize
 from reparam.cli import main
 from reparam.export.onnx import export_onnx
+from reparam.graph import Graph, Op, read_graph
 
 ort = pytest.importorskip("onnxruntime")
 quantization = pytest.importorskip("onnxruntime.quantization")
@@ -135,6 +138,7 @@ def quantized(
         "calibration": calibration,
         "x": x,
         "path": int8,
+        "fp32_path": fp32,
         "per_channel": per_channel,
         "ort": session.run(None, {"input": x})[0],
         "fp32": model(x),
@@ -155,6 +159,9 @@ def test_with_onnxruntimes_parameters_the_simulation_is_its_output(
     assert ratio >= 1000, f"only {ratio:.3g}x closer to onnxruntime than FP32 (expected >= 1000)"
     # The arithmetic is the same, so it is in fact bit for bit:
     np.testing.assert_array_equal(sim, runtime, err_msg="simulation != onnxruntime, bit for bit")
+    graph, _ = read_graph(quantized["fp32_path"])  # the exported graph is the same chain
+    from_graph = simulate(graph, quantized["x"], qparams=qparams, per_channel=qparams.per_channel)
+    np.testing.assert_array_equal(from_graph, runtime, err_msg="the graph's simulation differs")
 
 
 def test_uint8_activations_are_simulated_too(tmp_path: Path) -> None:
@@ -231,18 +238,18 @@ def _tiny(seed: int = 0) -> RepVGG:
 
 
 def test_activation_range_includes_zero_and_uses_255_steps() -> None:
-    found = _activation_quant(-1.0, 2.0)
+    found = activation_quant(-1.0, 2.0)
     assert found.scale == float(np.float32(3.0 / 255)), found
     assert found.zero_point == round(-128 + 1.0 / (3.0 / 255)) == -43, found
-    after_relu = _activation_quant(0.5, 2.0)  # widened to [0, 2]: the zero point clamps
+    after_relu = activation_quant(0.5, 2.0)  # widened to [0, 2]: the zero point clamps
     assert after_relu == ActivationQuant(float(np.float32(2.0 / 255)), -128), after_relu
-    assert _activation_quant(0.0, 0.0) == ActivationQuant(1.0, 0), "an empty range"
+    assert activation_quant(0.0, 0.0) == ActivationQuant(1.0, 0), "an empty range"
 
 
 def test_requantization_rounds_half_to_even() -> None:
     quant = ActivationQuant(1.0, 0)
     accumulator = np.array([1.0, 3.0, 5.0, -1.0, -3.0, 300.0, -300.0])
-    found = _requantize(accumulator, np.array([0.5], dtype=np.float32), quant)
+    found = requantize(accumulator, np.array([0.5], dtype=np.float32), quant)
     np.testing.assert_array_equal(found, [0, 2, 2, -0, -2, 127, -128])
 
 
@@ -360,7 +367,70 @@ def test_qarepvgg_attribution_and_folding() -> None:
     assert accuracy >= 0.99, f"the shipped QARepVGG digits model scores {accuracy:.2%}"
 
 
+def _one_conv_chain(tree: Any) -> Chain:
+    """A chain of one block given by its tree (its fold, cast to float32), and a 2-class head."""
+    conv = reparam.core.algebra.fold(tree).astype(np.float32)
+    head = np.ones((2, conv.out_channels), np.float32)
+    return Chain((ChainConv("block", conv, tree, "block"),), head, np.zeros(2, np.float32))
+
+
+def test_attribution_through_the_tree_by_hand() -> None:
+    """Each branch's share at a channel's largest tap, where a post-sum scale follows the sum."""
+    algebra = reparam.core.algebra
+    c = 2
+    dense = np.full((c, c, 3, 3), 0.01)
+    dense[[0, 1], [0, 1], 1, 1] = 0.5
+    pointwise = np.zeros((c, c, 1, 1))
+    pointwise[[0, 1], [0, 1], 0, 0] = 1.5
+    tree = algebra.Sequential(
+        algebra.Parallel(
+            algebra.Conv(dense, padding=1), algebra.Conv(pointwise), algebra.Identity(c)
+        ),
+        algebra.Scale(np.array([2.0, -3.0])),  # the channel's sign and scale apply to all
+    )
+    stats = weight_stats(_one_conv_chain(tree))[0]
+    assert stats.branches == ("3x3", "1x1", "identity"), stats.branches
+    # centre tap of channel o: 0.5 + 1.5 + 1 = 3 before the scale; shares 1/6, 1/2, 1/3
+    np.testing.assert_allclose(stats.shares, [[1 / 6, 1 / 2, 1 / 3]] * 2, rtol=1e-6)
+    np.testing.assert_allclose(stats.channel_max, [6.0, 9.0], rtol=1e-6)
+
+
+def test_branches_are_named_by_their_maps() -> None:
+    algebra = reparam.core.algebra
+    rng = np.random.default_rng(0)
+    tree = algebra.Parallel(
+        algebra.Sequential(
+            algebra.Conv(rng.standard_normal((2, 2, 1, 1))),
+            algebra.Conv(rng.standard_normal((2, 2, 3, 3)), padding=1),
+        ),
+        algebra.Conv(rng.standard_normal((2, 2, 3, 3)), padding=1),
+        algebra.Conv(rng.standard_normal((2, 2, 3, 3)), padding=1),
+        algebra.AvgPool(2, 3, stride=1, padding=1),
+    )
+    stats = weight_stats(_one_conv_chain(tree))[0]
+    assert stats.branches == ("1x1-3x3", "3x3", "3x3'", "avg pool"), stats.branches
+    np.testing.assert_allclose(stats.shares.sum(axis=1), 1.0, rtol=1e-12)
+
+
 # ------------------------------------------------------------------- the report
+
+
+_CONV_ATTRS = {"stride": (1, 1), "pads": ((1, 1), (1, 1)), "groups": 1, "dilation": (1, 1)}
+
+
+def test_the_exported_graph_reads_as_the_models_chain(tmp_path: Path) -> None:
+    model = _tiny(seed=4)
+    x = np.random.default_rng(8).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    export_onnx(model, tmp_path / "model.onnx")
+    graph, _ = read_graph(tmp_path / "model.onnx")
+    chain = chain_of(graph)
+    assert chain.names == ("stage0", "stage1.0", "stage1.1"), chain.names
+    for ours, theirs in zip(chain.convs, chain_of(model).convs, strict=True):
+        np.testing.assert_array_equal(ours.conv.kernel, theirs.conv.kernel, err_msg=ours.name)
+        assert (ours.conv.stride, ours.conv.pads) == (theirs.conv.stride, theirs.conv.pads)
+    np.testing.assert_array_equal(
+        simulate(graph, x, calibration=x), simulate(model, x, calibration=x)
+    )
 
 
 def test_report_on_the_bundled_digits_models() -> None:
@@ -432,6 +502,16 @@ def test_verdicts_say_which_part_is_to_blame() -> None:
     assert layer.verdict == "per-channel weights fix this layer", layer.verdict
 
 
+def test_report_calls_progress_once_per_layer_and_chunk() -> None:
+    model = _tiny()
+    x = np.random.default_rng(7).standard_normal((40, 3, 8, 8)).astype(np.float32)
+    calls: list[tuple[int, int, str]] = []
+    report(model, x, progress=lambda done, total, layer: calls.append((done, total, layer)))
+    layers = ["stage0", "stage1.0", "stage1.1", "head"]
+    expected = [(i + 1, 8, layer) for i, layer in enumerate(layers * 2)]  # 40 images: 2 chunks
+    assert calls == expected, calls
+
+
 # ------------------------------------------------------------------- refusals
 
 
@@ -491,6 +571,27 @@ def test_an_unquantizable_layer_is_named() -> None:
     simulate(model, x, calibration=x)  # per tensor it fits
     message = _message(lambda: simulate(model, x, calibration=x, per_channel=True))
     assert "stage0" in message and "channel 1" in message and "int32" in message, message
+
+
+def test_a_chain_that_does_not_hold_together_is_refused(tmp_path: Path) -> None:
+    chain = chain_of(_tiny())
+    x = np.zeros((8, 3, 8, 8), np.float32)
+    swapped = Chain((chain.convs[1], chain.convs[0]), chain.head_weight, chain.head_bias)
+    assert "do not chain" in _message(lambda: calibrate(swapped, x))
+    wide = chain.convs[0]._replace(conv=chain.convs[0].conv.astype(np.float64))
+    float64 = Chain((wide, *chain.convs[1:]), chain.head_weight, chain.head_bias)
+    assert "float32" in _message(lambda: simulate(float64, x, calibration=x))
+    assert "cannot read" in _message(lambda: qparams_from_onnx(tmp_path / "missing.onnx"))
+
+
+def test_a_graph_that_is_not_a_chain_is_refused_naming_the_op() -> None:
+    ops = (
+        Op("stage0/Conv", "conv", ("x", "w"), ("y",), _CONV_ATTRS, "Conv"),
+        Op("act", "opaque", ("y",), ("z",), {}, "Sigmoid"),
+    )
+    graph = Graph(ops, ("x",), ("z",), {"w": np.ones((2, 3, 3, 3), np.float32)})
+    message = _message(lambda: weight_stats(graph))
+    assert "Sigmoid 'act' after Conv 'stage0/Conv', not a Relu" in message, message
 
 
 # ------------------------------------------------------------------- the command
@@ -569,6 +670,36 @@ def test_quant_report_png_without_matplotlib(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "matplotlib" in err[0], err  # before any work
     assert not (tmp_path / "r.png").exists()
+
+
+def test_quant_report_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A line per layer on stderr with --progress, or on a terminal; none otherwise."""
+    images, _ = _digits()
+    calibration = tmp_path / "x.npy"
+    np.save(calibration, images[:8])
+    args = ["quant-report", str(_bundled("digits_repvgg.npz")), "--calibration", str(calibration)]
+    layers = ["stage0", "stage1.0", "stage1.1", "stage2.0", "stage2.1", "head"]
+
+    def progress_lines() -> list[str]:
+        return [line for line in capsys.readouterr().err.splitlines() if "layer " in line]
+
+    assert main([*args, "--progress"]) == 0
+    assert progress_lines() == [f"  layer {i + 1}/6: {name}" for i, name in enumerate(layers)]
+    assert main(args) == 0
+    assert progress_lines() == [], "stderr is not a terminal here: no progress lines"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(args) == 0
+    assert len(progress_lines()) == 6, "on a terminal, progress is shown"
+
+
+def test_quant_report_checks_calibration_before_loading_the_model(tmp_path: Path) -> None:
+    calibration = tmp_path / "x.npy"
+    np.save(calibration, np.full((8, 1, 16, 16), np.nan, np.float32))
+    result = _cli("quant-report", tmp_path / "absent.npz", "--calibration", calibration)
+    assert result.returncode == 2, result
+    assert "non-finite" in result.stderr and "loading" not in result.stderr, result.stderr
 
 
 def test_reparam_quant_is_lazy() -> None:
